@@ -1,0 +1,245 @@
+"""LoraConfig: the fields of an adapter, their defaults, validation, and the JSON dict on disk.
+
+The field names and defaults are PEFT's, so an `adapter_config.json` written here loads in PEFT
+and one written by PEFT loads here. Fields PEFT writes that lorakit does not use are tolerated
+on load with a warning.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+PEFT_TYPE = "LORA"
+BIAS_MODES = ("none", "all", "lora_only")
+INIT_MODES = (True, False, "gaussian", "pissa")
+TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS", "SEQ_2_SEQ_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
+
+# Fields PEFT writes whose default value means "feature off"; a file may carry them harmlessly.
+# Any of them set to something else is a feature lorakit does not implement: refuse it.
+_PEFT_OFF_FIELDS: dict[str, tuple[Any, ...]] = {
+    "layer_replication": (None,),
+    "loftq_config": (None, {}),
+    "megatron_config": (None,),
+    "use_qalora": (False, None),
+    "target_parameters": (None, []),
+    "trainable_token_indices": (None,),
+    "eva_config": (None,),
+    "corda_config": (None,),
+    "alora_invocation_tokens": (None,),
+    "arrow_config": (None,),
+    "use_bdlora": (None, False),
+    "kasa_config": (None,),
+    "lora_ga_config": (None,),
+    "monteclora_config": (None,),
+    "velora_config": (None,),
+}
+# Fields PEFT writes that carry no meaning for lorakit whatever their value.
+_PEFT_IGNORED_FIELDS = {
+    "peft_version", "auto_mapping", "revision", "megatron_core", "qalora_group_size",
+    "ensure_weight_tying", "runtime_config",
+}
+
+
+class ConfigError(ValueError):
+    """A LoraConfig field holds a value lorakit cannot use."""
+
+
+@dataclass
+class LoraConfig:
+    """Settings of one LoRA adapter (PEFT's names and defaults).
+
+    Args:
+        r: Rank of the update ΔW = B·A. Default 8.
+        lora_alpha: Scale numerator: the LoRA output is multiplied by lora_alpha / r
+            (lora_alpha / sqrt(r) with `use_rslora`). Default 8.
+        target_modules: Which modules get an adapter: a list of names, each matching a module
+            path exactly or as its dotted suffix (``"q_proj"`` matches
+            ``model.layers.0.self_attn.q_proj``); a regex string that must match the whole
+            path; or ``"all-linear"`` (every Linear/Conv1D except the output head). None picks
+            the architecture's default from `targeting.DEFAULT_TARGET_MODULES`.
+        exclude_modules: Modules never adapted, matched like `target_modules` (list or regex).
+        lora_dropout: Dropout probability on the LoRA path's input, in [0, 1). Default 0.
+        bias: Which biases train: "none" (default), "all" (every bias in the model) or
+            "lora_only" (biases of adapted layers).
+        fan_in_fan_out: True when the base layer stores its weight as (in, out), as GPT-2's
+            Conv1D does. Set automatically for Conv1D.
+        use_rslora: Use lora_alpha / sqrt(r) as the scaling (rank-stabilised LoRA).
+        use_dora: Weight-decomposed LoRA. Not implemented yet: refused.
+        init_lora_weights: True (kaiming-uniform A, zero B: the adapted model starts equal to
+            the base), "gaussian" (A normal with std 1/r, zero B), False (both random;
+            for tests) or "pissa" (A, B from the top-r singular vectors of W).
+        layers_to_transform: Layer indices (or one index) to adapt; others are left alone.
+        layers_pattern: Name of the module list holding the layers (e.g. "layers", "h"),
+            used to find a module's layer index. None: the first numbered path segment.
+        rank_pattern: {regex: r} overriding `r` for modules whose path ends with a match.
+        alpha_pattern: {regex: alpha} overriding `lora_alpha` likewise.
+        modules_to_save: Modules (by name, like `target_modules`) trained in full and saved
+            with the adapter, e.g. a classifier head.
+        lora_bias: Give lora_B a bias (merged into the base bias).
+        task_type: PEFT's task label, e.g. "CAUSAL_LM" or "SEQ_CLS".
+        base_model_name_or_path: The base model the adapter was trained on.
+        inference_mode: True when the adapter was saved or loaded for inference only.
+
+    Raises:
+        ConfigError: on any value outside the ranges above.
+    """
+
+    r: int = 8
+    lora_alpha: float = 8
+    target_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
+    lora_dropout: float = 0.0
+    bias: str = "none"
+    fan_in_fan_out: bool = False
+    use_rslora: bool = False
+    use_dora: bool = False
+    init_lora_weights: bool | str = True
+    layers_to_transform: list[int] | int | None = None
+    layers_pattern: list[str] | str | None = None
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    modules_to_save: list[str] | None = None
+    lora_bias: bool = False
+    task_type: str | None = None
+    base_model_name_or_path: str | None = None
+    inference_mode: bool = False
+    peft_type: str = PEFT_TYPE
+
+    def __post_init__(self) -> None:
+        if isinstance(self.target_modules, (set, tuple)):
+            self.target_modules = sorted(self.target_modules)
+        if isinstance(self.exclude_modules, (set, tuple)):
+            self.exclude_modules = sorted(self.exclude_modules)
+        if isinstance(self.modules_to_save, (set, tuple)):
+            self.modules_to_save = list(self.modules_to_save)
+        self.rank_pattern = dict(self.rank_pattern or {})
+        self.alpha_pattern = dict(self.alpha_pattern or {})
+        self.validate()
+
+    def validate(self) -> None:
+        """Check every field; raise ConfigError naming the first bad one."""
+        if self.peft_type != PEFT_TYPE:
+            raise ConfigError(f"peft_type is {self.peft_type!r}; lorakit reads only LoRA adapters (peft_type 'LORA')")
+        _check_rank("r", self.r)
+        _check_alpha("lora_alpha", self.lora_alpha)
+        for key, value in self.rank_pattern.items():
+            _check_rank(f"rank_pattern[{key!r}]", value)
+        for key, value in self.alpha_pattern.items():
+            _check_alpha(f"alpha_pattern[{key!r}]", value)
+        if not isinstance(self.lora_dropout, (int, float)) or not 0.0 <= self.lora_dropout < 1.0:
+            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        if self.bias not in BIAS_MODES:
+            raise ConfigError(f"bias must be one of {', '.join(map(repr, BIAS_MODES))}, got {self.bias!r}")
+        if self.init_lora_weights not in INIT_MODES or isinstance(self.init_lora_weights, int) and not isinstance(
+            self.init_lora_weights, bool
+        ):
+            raise ConfigError(
+                f"init_lora_weights must be one of {INIT_MODES}, got {self.init_lora_weights!r}"
+            )
+        if self.use_dora:
+            raise ConfigError("use_dora=True (DoRA) is not supported by this version of lorakit")
+        for name in ("target_modules", "exclude_modules"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+                    raise ConfigError(f"{name} must be a list of module names or a regex string, got {value!r}")
+        if self.modules_to_save is not None and not all(isinstance(v, str) for v in self.modules_to_save):
+            raise ConfigError(f"modules_to_save must be a list of module names, got {self.modules_to_save!r}")
+        layers = self.layers_to_transform
+        if layers is not None:
+            indices = [layers] if isinstance(layers, int) else layers
+            if not isinstance(indices, list) or not all(isinstance(i, int) and i >= 0 for i in indices):
+                raise ConfigError(f"layers_to_transform must be a layer index or a list of them, got {layers!r}")
+            if isinstance(self.target_modules, str):
+                raise ConfigError("layers_to_transform cannot be combined with a regex target_modules; "
+                                  "put the layer indices in the regex instead")
+        if self.layers_pattern and layers is None:
+            raise ConfigError("layers_pattern is only meaningful with layers_to_transform")
+        if self.task_type is not None and self.task_type not in TASK_TYPES:
+            raise ConfigError(f"task_type must be one of {TASK_TYPES} or None, got {self.task_type!r}")
+
+    # --- per-module values -------------------------------------------------------------------
+
+    def rank_for(self, module_path: str) -> int:
+        """The rank of the module at `module_path`: the first matching `rank_pattern` or `r`."""
+        key = pattern_key(self.rank_pattern, module_path)
+        return self.rank_pattern[key] if key is not None else self.r
+
+    def alpha_for(self, module_path: str) -> float:
+        """The alpha of the module at `module_path`: the first matching `alpha_pattern` or `lora_alpha`."""
+        key = pattern_key(self.alpha_pattern, module_path)
+        return self.alpha_pattern[key] if key is not None else self.lora_alpha
+
+    # --- the adapter_config.json dict -----------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON-ready dict PEFT reads (every field, lists for sets)."""
+        out = dataclasses.asdict(self)
+        for key in ("target_modules", "exclude_modules"):
+            if isinstance(out[key], (set, tuple)):
+                out[key] = sorted(out[key])
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LoraConfig:
+        """Build a config from an `adapter_config.json` dict.
+
+        Unknown fields are dropped with a warning; PEFT fields holding their "off" value are
+        dropped silently; a PEFT feature that is switched on but not implemented here is refused.
+
+        Raises:
+            ConfigError: the dict is not a LoRA config, or a value is invalid or unsupported.
+        """
+        if not isinstance(data, dict):
+            raise ConfigError(f"adapter config must be a JSON object, got {type(data).__name__}")
+        peft_type = data.get("peft_type")
+        if peft_type is None:
+            raise ConfigError("adapter config has no 'peft_type'; expected 'LORA'")
+        if peft_type != PEFT_TYPE:
+            raise ConfigError(f"adapter config has peft_type {peft_type!r}; lorakit reads only 'LORA' adapters")
+        known = {f.name for f in dataclasses.fields(cls)}
+        kwargs, unknown = {}, []
+        for key, value in data.items():
+            if key in known:
+                kwargs[key] = value
+            elif key in _PEFT_OFF_FIELDS:
+                if value not in _PEFT_OFF_FIELDS[key]:
+                    raise ConfigError(f"adapter config sets {key}={value!r}, a PEFT feature lorakit does not support")
+            elif key not in _PEFT_IGNORED_FIELDS:
+                unknown.append(key)
+        if unknown:
+            warnings.warn(f"adapter config: ignoring unknown fields {sorted(unknown)}", stacklevel=2)
+        if kwargs.get("init_lora_weights") not in INIT_MODES and "init_lora_weights" in kwargs:
+            # A loaded adapter's init mode does not matter (weights come from the file), except
+            # for modes that change the base; PEFT writes e.g. "olora" or "eva" here.
+            raise ConfigError(f"adapter config: init_lora_weights={kwargs['init_lora_weights']!r} is not supported")
+        try:
+            return cls(**kwargs)
+        except TypeError as err:  # a field of the wrong type that dataclass itself rejects
+            raise ConfigError(f"adapter config: {err}") from err
+
+
+def pattern_key(patterns: dict[str, Any], module_path: str) -> str | None:
+    """The first key of `patterns` whose regex matches the end of `module_path`, else None.
+
+    A key matches when ``module_path`` is ``<anything>.<key>`` or ``<key>`` as a regex, as PEFT
+    matches `rank_pattern` and `alpha_pattern`.
+    """
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", module_path):
+            return key
+    return None
+
+
+def _check_rank(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+def _check_alpha(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ConfigError(f"{name} must be a number > 0, got {value!r}")

@@ -1,0 +1,61 @@
+"""Which LoRA wrapper each base layer type gets.
+
+One table, checked in order; a new layer type (the 4-bit linear layer, a user's custom layer)
+is one `register` call:
+
+    register(MyLinear, lambda layer, config: Linear(layer))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import nn
+
+from .config import LoraConfig
+from .layers import Conv, Embedding, Linear, LoraLayer
+
+Factory = Callable[[nn.Module, LoraConfig], LoraLayer]
+
+_REGISTRY: list[tuple[type[nn.Module], Factory]] = [
+    (nn.Linear, lambda layer, config: Linear(layer, config.fan_in_fan_out)),
+    (nn.Embedding, lambda layer, config: Embedding(layer)),
+    (nn.Conv1d, lambda layer, config: Conv(layer)),
+    (nn.Conv2d, lambda layer, config: Conv(layer)),
+    (nn.Conv3d, lambda layer, config: Conv(layer)),
+]
+
+
+def register(layer_type: type[nn.Module], factory: Factory) -> None:
+    """Give `layer_type` (and its subclasses) a wrapper; later registrations take precedence."""
+    _REGISTRY.insert(0, (layer_type, factory))
+
+
+def _conv1d_type() -> type[nn.Module] | None:
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # transformers is optional for plain torch models
+        return None
+    return Conv1D
+
+
+def supported_types() -> list[type[nn.Module]]:
+    types = [t for t, _ in _REGISTRY]
+    conv1d = _conv1d_type()
+    return types + ([conv1d] if conv1d else [])
+
+
+def wrap(layer: nn.Module, config: LoraConfig) -> LoraLayer:
+    """A LoRA wrapper around `layer` with no adapters yet.
+
+    Raises:
+        TypeError: no wrapper is registered for the layer's type.
+    """
+    for layer_type, factory in _REGISTRY:
+        if isinstance(layer, layer_type):
+            return factory(layer, config)
+    conv1d = _conv1d_type()
+    if conv1d is not None and isinstance(layer, conv1d):
+        return Linear(layer, fan_in_fan_out=True)
+    names = ", ".join(sorted({t.__name__ for t in supported_types()}))
+    raise TypeError(f"LoRA cannot wrap a {type(layer).__name__}; supported layer types: {names}")

@@ -1,0 +1,230 @@
+"""Adapter directories on disk, in PEFT's format. The only module that knows file names and keys.
+
+    <dir>/adapter_config.json         LoraConfig.to_dict(), sorted keys, indent 2
+    <dir>/adapter_model.safetensors   metadata {"format": "pt"}
+
+A file key is the parameter's path in the wrapped model with the adapter name removed, under
+`base_model.model.`:
+
+    model state key   layers.0.q_proj.lora_A.default.weight      (in LoraModel.model)
+    file key          base_model.model.layers.0.q_proj.lora_A.weight
+
+Loading is strict and staged: every tensor is read and checked (NaN/inf, names, shapes) before
+the first one is copied into the model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
+
+from .config import ConfigError, LoraConfig
+
+if TYPE_CHECKING:
+    from .model import LoraModel
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_WEIGHTS_NAME = "adapter_model.bin"
+KEY_PREFIX = "base_model.model."
+DEFAULT_ADAPTER = "default"
+
+
+class AdapterLoadError(ValueError):
+    """An adapter directory cannot be loaded: the message names the file or keys and the cause."""
+
+
+# --- naming --------------------------------------------------------------------------------------
+
+def adapter_dir(save_directory: str | os.PathLike, adapter_name: str) -> Path:
+    """Where PEFT keeps an adapter: the directory itself for "default", else a subfolder."""
+    root = Path(save_directory)
+    return root if adapter_name == DEFAULT_ADAPTER else root / adapter_name
+
+
+def key_map(lora_model: LoraModel, adapter_name: str) -> tuple[dict[str, str], dict[str, str]]:
+    """File keys of an adapter, mapped to model state keys.
+
+    Returns:
+        (required, optional): `required` holds the adapter's own tensors (LoRA factors and
+        modules_to_save copies); `optional` holds base tensors a file may carry (biases when
+        the adapter trains them, the base weight of an adapted embedding, which PEFT saves).
+        Only `required` and the biases are written by `save_adapter`.
+    """
+    name = re.escape(adapter_name)
+    own = [
+        re.compile(rf"^(.*\.lora_[A-Za-z_]+)\.{name}(\.weight|\.bias)?$"),  # lora_A.<n>.weight, lora_embedding_A.<n>
+        re.compile(rf"^(.*)\.modules_to_save\.{name}(\..*)$"),            # head.modules_to_save.<n>.weight
+    ]
+    config = lora_model.peft_config[adapter_name]
+    adapted = {path for path, layer in lora_model.lora_layers() if adapter_name in layer.adapters}
+    embeddings = {path for path, layer in lora_model.lora_layers()
+                  if adapter_name in layer.adapters and "lora_embedding_A" in layer.factor_names}
+    required, optional = {}, {}
+    for state_key in lora_model.model.state_dict(keep_vars=True):
+        for pattern in own:
+            match = pattern.match(state_key)
+            if match:
+                required[KEY_PREFIX + match.group(1) + (match.group(2) or "")] = state_key
+                break
+        else:
+            if re.search(r"\.(lora_[A-Za-z_]+|modules_to_save|original_module)\.", state_key):
+                continue  # another adapter's tensors, or a frozen original
+            module_path, _, leaf = state_key.rpartition(".")
+            owner = module_path.removesuffix(".base_layer")
+            if leaf == "bias" and (config.bias == "all" or config.bias == "lora_only" and owner in adapted):
+                optional[KEY_PREFIX + state_key] = state_key
+            elif leaf == "weight" and module_path.endswith(".base_layer") and owner in embeddings:
+                optional[KEY_PREFIX + state_key] = state_key
+    return required, optional
+
+
+# --- writing -------------------------------------------------------------------------------------
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write `data` to `path` through a temporary file in the same folder and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def adapter_tensors(lora_model: LoraModel, adapter_name: str) -> dict[str, torch.Tensor]:
+    """The tensors `save_adapter` writes, under their file keys (detached, contiguous, on CPU)."""
+    required, optional = key_map(lora_model, adapter_name)
+    state = lora_model.model.state_dict()
+    bias_keys = {k: v for k, v in optional.items() if v.endswith("bias")}
+    return {file_key: state[state_key].detach().to("cpu").contiguous().clone()
+            for file_key, state_key in {**required, **bias_keys}.items()}
+
+
+def save_adapter(lora_model: LoraModel, save_directory: str | os.PathLike, adapter_name: str) -> Path:
+    """Write one adapter's config and weights; returns the folder written.
+
+    Raises:
+        ValueError: the adapter holds NaN or inf (nothing is written).
+    """
+    tensors = adapter_tensors(lora_model, adapter_name)
+    bad = [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise ValueError(f"adapter {adapter_name!r} holds NaN or inf in {bad[:5]}; not saving it")
+    config = lora_model.peft_config[adapter_name].to_dict()
+    config["inference_mode"] = True
+    out = adapter_dir(save_directory, adapter_name)
+    atomic_write(out / WEIGHTS_NAME, safetensors_bytes(tensors, metadata={"format": "pt"}))
+    atomic_write(out / CONFIG_NAME, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
+    return out
+
+
+# --- reading -------------------------------------------------------------------------------------
+
+def read_config(directory: str | os.PathLike) -> LoraConfig:
+    """Parse and validate `<directory>/adapter_config.json`.
+
+    Raises:
+        AdapterLoadError: missing, not JSON, or not a valid LoRA config.
+    """
+    path = Path(directory) / CONFIG_NAME
+    if not Path(directory).is_dir():
+        raise AdapterLoadError(f"adapter directory {str(directory)!r} does not exist")
+    if not path.is_file():
+        raise AdapterLoadError(f"{path} is missing: not an adapter directory")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise AdapterLoadError(f"{path} is not valid JSON: {err}") from err
+    try:
+        return LoraConfig.from_dict(data)
+    except ConfigError as err:
+        raise AdapterLoadError(f"{path}: {err}") from err
+
+
+def read_adapter(directory: str | os.PathLike, allow_pickle: bool = False) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+    """Read an adapter directory into memory and check it on its own (no model involved).
+
+    Args:
+        directory: The adapter folder.
+        allow_pickle: Accept `adapter_model.bin` when there is no safetensors file; it is
+            loaded with `torch.load(weights_only=True)`.
+
+    Raises:
+        AdapterLoadError: a missing or malformed file, a pickle without `allow_pickle`, or a
+            tensor holding NaN or inf (named).
+    """
+    config = read_config(directory)
+    weights, pickled = Path(directory) / WEIGHTS_NAME, Path(directory) / PICKLE_WEIGHTS_NAME
+    if weights.is_file():
+        try:
+            tensors = load_file(str(weights))
+        except (SafetensorError, OSError, ValueError) as err:
+            raise AdapterLoadError(f"{weights} is not a readable safetensors file: {err}") from err
+    elif pickled.is_file():
+        if not allow_pickle:
+            raise AdapterLoadError(f"{pickled} is a pickle file, which can run code when loaded; "
+                                   "pass allow_pickle=True to load it (with weights_only=True) if you trust it")
+        try:
+            tensors = torch.load(pickled, map_location="cpu", weights_only=True)
+        except Exception as err:  # torch raises several types for a bad pickle
+            raise AdapterLoadError(f"{pickled} could not be loaded: {err}") from err
+        if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
+            raise AdapterLoadError(f"{pickled} does not hold a dict of tensors")
+    else:
+        raise AdapterLoadError(f"{directory} has no {WEIGHTS_NAME}")
+    bad = [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise AdapterLoadError(f"{weights}: tensors hold NaN or inf: {bad[:5]}")
+    return config, tensors
+
+
+def load_weights(lora_model: LoraModel, adapter_name: str, tensors: dict[str, torch.Tensor], source: str = "") -> None:
+    """Copy an adapter's tensors into the (already injected) adapter, all checks first.
+
+    Raises:
+        AdapterLoadError: keys without the `base_model.model.` prefix, missing keys, unexpected
+            keys or shape mismatches, each named; nothing has been copied then.
+    """
+    required, optional = key_map(lora_model, adapter_name)
+    where = f"adapter {source!r}" if source else f"adapter {adapter_name!r}"
+    problems = []
+    no_prefix = sorted(k for k in tensors if not k.startswith(KEY_PREFIX))
+    if no_prefix:
+        problems.append(f"keys without the {KEY_PREFIX!r} prefix: {_few(no_prefix)}")
+    missing = sorted(set(required) - set(tensors))
+    if missing:
+        problems.append(f"{len(missing)} missing keys (the model expects them): {_few(missing)}")
+    unexpected = sorted(set(tensors) - set(required) - set(optional) - set(no_prefix))
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected keys (nothing in the model takes them; "
+                        f"is this adapter for another base model?): {_few(unexpected)}")
+    state = lora_model.model.state_dict(keep_vars=True)
+    all_keys = {**optional, **required}
+    mismatched = [f"{k}: file {tuple(t.shape)} vs model {tuple(state[all_keys[k]].shape)}"
+                  for k, t in sorted(tensors.items()) if k in all_keys and tuple(t.shape) != tuple(state[all_keys[k]].shape)]
+    if mismatched:
+        problems.append(f"{len(mismatched)} shape mismatches (adapter for another base model or rank?): {_few(mismatched)}")
+    if problems:
+        raise AdapterLoadError(f"cannot load {where}: " + "; ".join(problems))
+    with torch.no_grad():
+        for file_key, tensor in tensors.items():
+            target = state[all_keys[file_key]]
+            target.copy_(tensor.to(device=target.device, dtype=target.dtype))
+
+
+def _few(items: list[str], n: int = 5) -> str:
+    return ", ".join(items[:n]) + (f", ... ({len(items) - n} more)" if len(items) > n else "")

@@ -1,0 +1,187 @@
+"""The LoRA core every layer wrapper shares: adapters, their records, merging.
+
+A wrapper holds the frozen `base_layer` and, per adapter, two small trainable factors
+(`lora_A`, `lora_B`) whose product is the low-rank update
+
+    ΔW = scaling · B @ A,    A: (r, in), B: (out, r), scaling = lora_alpha / r
+
+(lora_alpha / sqrt(r) with rsLoRA). Everything else about an adapter in a layer (rank,
+alpha, dropout) lives in one small `AdapterSpec` record, not in parallel dicts.
+
+Subclasses (Linear, Embedding, Conv) implement four things: how to create the factors,
+how to reset them, the LoRA path of the forward, and ΔW in the base weight's layout.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """What one layer knows about one adapter.
+
+    Args:
+        r: Rank.
+        alpha: lora_alpha.
+        dropout: Dropout probability applied to the LoRA path's input.
+        use_rslora: Scale by alpha / sqrt(r) instead of alpha / r.
+        lora_bias: lora_B has a bias.
+    """
+
+    r: int
+    alpha: float
+    dropout: float = 0.0
+    use_rslora: bool = False
+    lora_bias: bool = False
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / math.sqrt(self.r) if self.use_rslora else self.alpha / self.r
+
+
+class LoraLayer(nn.Module):
+    """A frozen base layer plus any number of named LoRA adapters.
+
+    Attributes:
+        base_layer: The wrapped module, frozen.
+        adapters: name -> AdapterSpec, one record per adapter.
+        active_adapters: Names whose LoRA path runs in forward (usually one).
+        merged_adapters: Names currently folded into the base weight.
+        disabled: When True, forward is the base layer alone.
+    """
+
+    # Names of the attributes holding per-adapter factors, e.g. ("lora_A", "lora_B").
+    factor_names: tuple[str, ...] = ("lora_A", "lora_B")
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.adapters: dict[str, AdapterSpec] = {}
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.disabled = False
+        # Set by LoraModel while a mixed-adapter batch runs: a routing record shared by all layers.
+        self.routing = None
+
+    # --- to be provided by each layer type ---------------------------------------------------
+
+    def _create_factors(self, name: str, spec: AdapterSpec, device: torch.device, dtype: torch.dtype) -> None:
+        raise NotImplementedError
+
+    def _reset_factors(self, name: str, init: bool | str) -> None:
+        raise NotImplementedError
+
+    def lora_delta(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """The LoRA path's output for adapter `name` (dropout included), already scaled."""
+        raise NotImplementedError
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """ΔW of adapter `name` in float32, in the layout and shape of the base weight."""
+        raise NotImplementedError
+
+    # --- adapters ---------------------------------------------------------------------------
+
+    @property
+    def base_weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    def add_adapter(self, name: str, spec: AdapterSpec, init: bool | str = True) -> None:
+        """Create adapter `name`'s factors (float32 unless the base is float64) and initialise them."""
+        if name in self.adapters:
+            raise ValueError(f"adapter {name!r} already exists in this layer")
+        weight = self.base_weight
+        dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        self.adapters[name] = spec
+        self._create_factors(name, spec, weight.device, dtype)
+        if weight.device.type != "meta":
+            self._reset_factors(name, init)
+
+    def delete_adapter(self, name: str) -> None:
+        if name in self.merged_adapters:
+            raise ValueError(f"adapter {name!r} is merged into the base weight; unmerge it before deleting")
+        for attr in self.factor_names:
+            container = getattr(self, attr)
+            if name in container:
+                del container[name]
+        self.adapters.pop(name, None)
+        self.active_adapters = [a for a in self.active_adapters if a != name]
+
+    def set_active(self, names: list[str]) -> None:
+        self.active_adapters = [n for n in names if n in self.adapters]
+
+    def adapter_parameters(self, name: str) -> list[nn.Parameter]:
+        params = []
+        for attr in self.factor_names:
+            container = getattr(self, attr)
+            if name in container:
+                item = container[name]
+                params.extend(item.parameters() if isinstance(item, nn.Module) else [item])
+        return params
+
+    # --- forward ------------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if self.disabled or self.merged_adapters:
+            return result
+        if self.routing is not None:
+            return self.routing.apply(self, x, result)
+        out_dtype = result.dtype
+        for name in self.active_adapters:
+            result = result + self.lora_delta(x, name)
+        return result.to(out_dtype)
+
+    # --- merging ------------------------------------------------------------------------------
+
+    def merged_weight(self, names: list[str]) -> torch.Tensor:
+        """Base weight plus the adapters' ΔW, computed in float32 (not written back)."""
+        weight = self.base_weight.detach().float()
+        for name in names:
+            weight = weight + self.delta_weight(name)
+        return weight
+
+    def merge(self, names: list[str]) -> None:
+        """Fold adapters into the base weight: W += ΔW, in float32, cast back to W's dtype."""
+        todo = [n for n in names if n not in self.merged_adapters]
+        if not todo:
+            return
+        weight = self.base_weight
+        with torch.no_grad():
+            weight.copy_(self.merged_weight(todo).to(weight.dtype))
+            self._merge_bias(todo, +1.0)
+        self.merged_adapters.extend(todo)
+
+    def unmerge(self) -> None:
+        """Undo every merge: W -= ΔW in float32 (exact in fp32; in bf16 within one rounding)."""
+        if not self.merged_adapters:
+            return
+        weight = self.base_weight
+        with torch.no_grad():
+            unmerged = weight.detach().float()
+            for name in reversed(self.merged_adapters):
+                unmerged = unmerged - self.delta_weight(name)
+            weight.copy_(unmerged.to(weight.dtype))
+            self._merge_bias(self.merged_adapters, -1.0)
+        self.merged_adapters = []
+
+    def _merge_bias(self, names: list[str], sign: float) -> None:
+        """Add (sign=+1) or remove (-1) lora_B's bias, scaled, to the base bias."""
+        for name in names:
+            spec = self.adapters[name]
+            if not spec.lora_bias:
+                continue
+            bias = self.base_layer.bias
+            if bias is None:
+                raise ValueError(f"adapter {name!r} has lora_bias but the base layer has no bias to merge into")
+            lora_b = self.lora_B[name].bias
+            bias.copy_((bias.float() + sign * spec.scaling * lora_b.float()).to(bias.dtype))
+
+
+def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Dropout on the LoRA path only: identity when p == 0 or not training."""
+    return torch.nn.functional.dropout(x, p) if p > 0 and training else x

@@ -1,0 +1,60 @@
+"""A module trained in full alongside an adapter (e.g. a classifier head): one copy per adapter.
+
+The original stays frozen as `original_module`; each adapter gets a trainable deep copy under
+`modules_to_save.<adapter>` (PEFT's layout, so the file key is the plain module path).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+
+class ModulesToSave(nn.Module):
+    """Routes forward to the active adapter's copy, or to the original when none is active."""
+
+    def __init__(self, original_module: nn.Module) -> None:
+        super().__init__()
+        self.original_module = original_module
+        self.modules_to_save = nn.ModuleDict()
+        self.active_adapter: str | None = None
+        self.disabled = False
+
+    def add_adapter(self, name: str) -> None:
+        if name in self.modules_to_save:
+            raise ValueError(f"adapter {name!r} already has a copy of this module")
+        clone = copy.deepcopy(self.original_module)
+        for p in clone.parameters():
+            p.requires_grad_(True)
+        self.modules_to_save[name] = clone
+
+    def delete_adapter(self, name: str) -> None:
+        if name in self.modules_to_save:
+            del self.modules_to_save[name]
+        if self.active_adapter == name:
+            self.active_adapter = None
+
+    def set_active(self, names: list[str]) -> None:
+        active = [n for n in names if n in self.modules_to_save]
+        self.active_adapter = active[0] if active else None
+
+    @property
+    def adapters(self) -> list[str]:
+        return list(self.modules_to_save.keys())
+
+    def adapter_parameters(self, name: str) -> list[nn.Parameter]:
+        return list(self.modules_to_save[name].parameters()) if name in self.modules_to_save else []
+
+    @property
+    def weight(self) -> torch.Tensor:  # lets transformers' tied-weight and head lookups keep working
+        return self._current().weight
+
+    def _current(self) -> nn.Module:
+        if self.disabled or self.active_adapter is None:
+            return self.original_module
+        return self.modules_to_save[self.active_adapter]
+
+    def forward(self, *args, **kwargs):
+        return self._current()(*args, **kwargs)

@@ -1,0 +1,392 @@
+"""Adapters on a model: injection, switching, merging, unloading, counting.
+
+    peft_model = get_peft_model(base, LoraConfig(r=8, target_modules=["q_proj", "v_proj"]))
+
+`PeftModel` (what users hold) -> `.base_model`: `LoraModel` (owns the adapters) -> `.model`: the
+user's model, whose target layers are replaced in place by LoRA wrappers. Module paths are
+PEFT's, so parameter names are `base_model.model.<path>.lora_A.<adapter>.weight`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import re
+import warnings
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from . import dispatch, io
+from .config import LoraConfig
+from .layers import AdapterSpec, LoraLayer, ModulesToSave
+from .targeting import select_modules_to_save, select_targets
+
+BASE_ADAPTER = "__base__"  # the name that means "no adapter" in mixed-adapter batches
+_ADAPTER_NAME = re.compile(r"[A-Za-z0-9_\-]+")
+
+
+def check_adapter_name(name: str) -> None:
+    """Adapter names are plain names: letters, digits, '_' and '-'.
+
+    Raises:
+        ValueError: the name is empty, reserved, or holds any other character ('.', '/', ...).
+    """
+    if not isinstance(name, str) or not _ADAPTER_NAME.fullmatch(name) or name == BASE_ADAPTER:
+        raise ValueError(f"invalid adapter name {name!r}: use letters, digits, '_' and '-' "
+                         f"(and not the reserved {BASE_ADAPTER!r})")
+
+
+class LoraModel(nn.Module):
+    """Holds the user's model and the adapters injected into it.
+
+    Args:
+        model: Any torch module; `transformers` models get architecture defaults.
+        config: The first adapter's config.
+        adapter_name: Its name. Default "default".
+    """
+
+    def __init__(self, model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> None:
+        super().__init__()
+        self.model = model
+        self.peft_config: dict[str, LoraConfig] = {}
+        self.active_adapter = adapter_name
+        self.add_adapter(adapter_name, config)
+        self.set_adapter(adapter_name)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self.model, name)
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    # --- walking the wrappers ------------------------------------------------------------------
+
+    def lora_layers(self) -> Iterator[tuple[str, LoraLayer]]:
+        """(path, layer) of every LoRA wrapper in the model."""
+        for path, module in self.model.named_modules():
+            if isinstance(module, LoraLayer):
+                yield path, module
+
+    def _wrappers(self) -> list[tuple[str, LoraLayer | ModulesToSave]]:
+        return [(p, m) for p, m in self.model.named_modules() if isinstance(m, (LoraLayer, ModulesToSave))]
+
+    def _replace(self, path: str, new: nn.Module) -> None:
+        parent_path, _, child = path.rpartition(".")
+        parent = self.model.get_submodule(parent_path) if parent_path else self.model
+        setattr(parent, child, new)
+
+    # --- adding and removing -------------------------------------------------------------------
+
+    def add_adapter(self, adapter_name: str, config: LoraConfig) -> None:
+        """Inject a new adapter (not made active). On any error the model is left as it was.
+
+        Raises:
+            ValueError: the name is invalid or taken.
+            TargetError: the config's targets match nothing in the model.
+            TypeError: a target is a layer type LoRA cannot wrap.
+        """
+        check_adapter_name(adapter_name)
+        if adapter_name in self.peft_config:
+            raise ValueError(f"an adapter named {adapter_name!r} already exists")
+        if config.base_model_name_or_path is None:
+            name_or_path = getattr(getattr(self.model, "config", None), "name_or_path", None) or None
+            config = dataclasses.replace(config, base_model_name_or_path=name_or_path)
+        targets = select_targets(self.model, config)
+        saved = select_modules_to_save(self.model, config)
+        try:
+            for path in targets:
+                layer = self.model.get_submodule(path)
+                if not isinstance(layer, LoraLayer):
+                    layer = dispatch.wrap(layer, config)
+                    self._replace(path, layer)
+                spec = AdapterSpec(r=config.rank_for(path), alpha=config.alpha_for(path), dropout=config.lora_dropout,
+                                   use_rslora=config.use_rslora, lora_bias=config.lora_bias)
+                layer.add_adapter(adapter_name, spec, init=config.init_lora_weights)
+            for path in saved:
+                module = self.model.get_submodule(path)
+                if not isinstance(module, ModulesToSave):
+                    module = ModulesToSave(module)
+                    self._replace(path, module)
+                module.add_adapter(adapter_name)
+        except Exception:
+            self._remove_everywhere(adapter_name)
+            raise
+        self.peft_config[adapter_name] = config
+        self.set_adapter(self.active_adapter if self.active_adapter in self.peft_config else adapter_name)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove an adapter's weights from every layer.
+
+        Raises:
+            KeyError: no such adapter.
+            ValueError: it is the active adapter, or merged into the base weights.
+        """
+        self._check_exists(adapter_name)
+        if adapter_name == self.active_adapter:
+            raise ValueError(f"adapter {adapter_name!r} is the active adapter; set_adapter() another one before deleting it")
+        merged_in = [p for p, layer in self.lora_layers() if adapter_name in layer.merged_adapters]
+        if merged_in:
+            raise ValueError(f"adapter {adapter_name!r} is merged into {len(merged_in)} layers "
+                             f"(e.g. {merged_in[0]}); unmerge_adapter() before deleting it")
+        self._remove_everywhere(adapter_name)
+        del self.peft_config[adapter_name]
+
+    def _remove_everywhere(self, adapter_name: str) -> None:
+        """Drop an adapter from every wrapper and unwrap wrappers left with none (rollback-safe)."""
+        for path, wrapper in self._wrappers():
+            wrapper.delete_adapter(adapter_name)
+            if not wrapper.adapters:
+                self._replace(path, wrapper.base_layer if isinstance(wrapper, LoraLayer) else wrapper.original_module)
+
+    def _check_exists(self, adapter_name: str) -> None:
+        if adapter_name not in self.peft_config:
+            raise KeyError(f"no adapter named {adapter_name!r}; adapters: {sorted(self.peft_config)}")
+
+    # --- which adapter runs, which parameters train --------------------------------------------
+
+    def set_adapter(self, adapter_name: str) -> None:
+        """Make `adapter_name` the one that runs in forward and whose parameters train.
+
+        Raises:
+            KeyError: no such adapter.
+        """
+        self._check_exists(adapter_name)
+        if self.merged and adapter_name != self.active_adapter:
+            warnings.warn("set_adapter on a merged model: unmerging first", stacklevel=2)
+            self.unmerge_adapter()
+        self.active_adapter = adapter_name
+        for _, wrapper in self._wrappers():
+            wrapper.set_active([adapter_name])
+        self._mark_trainable()
+
+    def _mark_trainable(self) -> None:
+        """Freeze everything, then unfreeze the active adapter (unless it is inference-only)."""
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        config = self.peft_config.get(self.active_adapter)
+        if config is None or config.inference_mode:
+            return
+        wrappers = self._wrappers()
+        for _, wrapper in wrappers:
+            for p in wrapper.adapter_parameters(self.active_adapter):
+                p.requires_grad_(True)
+        if config.bias == "all":
+            for name, p in self.model.named_parameters():
+                if name.endswith("bias") and not re.search(r"(^|\.)(lora_[A-Za-z_]+|modules_to_save|original_module)\.", name):
+                    p.requires_grad_(True)
+        elif config.bias == "lora_only":
+            for _, wrapper in wrappers:
+                bias = getattr(wrapper.base_layer, "bias", None) if isinstance(wrapper, LoraLayer) else None
+                if bias is not None and self.active_adapter in wrapper.adapters:
+                    bias.requires_grad_(True)
+
+    # --- merging ---------------------------------------------------------------------------------
+
+    @property
+    def merged(self) -> bool:
+        return any(layer.merged_adapters for _, layer in self.lora_layers())
+
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """Fold adapters (default: the active one) into the base weights, in float32.
+
+        Args:
+            adapter_names: Adapters to merge. Default: the active adapter.
+            safe_merge: Check every merged weight for NaN/inf before changing any.
+
+        Raises:
+            KeyError: an unknown adapter name.
+            ValueError: with safe_merge, a merged weight would hold NaN or inf (nothing merged).
+        """
+        names = adapter_names or [self.active_adapter]
+        for name in names:
+            self._check_exists(name)
+        layers = list(self.lora_layers())
+        if safe_merge:
+            for path, layer in layers:
+                present = [n for n in names if n in layer.adapters and n not in layer.merged_adapters]
+                if present and not torch.isfinite(layer.merged_weight(present)).all():
+                    raise ValueError(f"safe_merge: merging {present} into {path} gives NaN or inf; nothing was merged")
+        for _, layer in layers:
+            layer.merge([n for n in names if n in layer.adapters])
+
+    def unmerge_adapter(self) -> None:
+        """Take every merged adapter back out of the base weights."""
+        for _, layer in self.lora_layers():
+            layer.unmerge()
+
+    def merge_and_unload(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
+        """Merge adapters into the base and return the plain model, with no wrapper left."""
+        self.merge_adapter(adapter_names, safe_merge=safe_merge)
+        return self.unload()
+
+    def unload(self) -> nn.Module:
+        """Return the plain model: LoRA wrappers replaced by their base layers (merged weights
+        kept), modules_to_save by the active adapter's trained copy."""
+        for path, wrapper in self._wrappers():
+            if isinstance(wrapper, LoraLayer):
+                self._replace(path, wrapper.base_layer)
+            else:
+                active = wrapper.active_adapter
+                self._replace(path, wrapper.modules_to_save[active] if active else wrapper.original_module)
+        self.peft_config.clear()
+        return self.model
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Run the base model alone inside the block (merged adapters are taken out and put back)."""
+        merged = {path: list(layer.merged_adapters) for path, layer in self.lora_layers() if layer.merged_adapters}
+        self.unmerge_adapter()
+        wrappers = self._wrappers()
+        for _, wrapper in wrappers:
+            wrapper.disabled = True
+        try:
+            yield
+        finally:
+            for _, wrapper in wrappers:
+                wrapper.disabled = False
+            for path, names in merged.items():
+                self.model.get_submodule(path).merge(names)
+
+
+class PeftModel(nn.Module):
+    """The model users hold: a `LoraModel` plus files, counting and generation.
+
+    Methods of `LoraModel` (merge_adapter, unmerge_adapter, merge_and_unload, unload,
+    disable_adapter, set_adapter, delete_adapter, lora_layers) and attributes of the user's
+    model (config, ...) are reached through this object too.
+
+    Args:
+        model: The base model.
+        peft_config: The first adapter's config.
+        adapter_name: Its name. Default "default".
+    """
+
+    def __init__(self, model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default") -> None:
+        super().__init__()
+        self.base_model = LoraModel(model, peft_config, adapter_name)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    @property
+    def peft_config(self) -> dict[str, LoraConfig]:
+        return self.base_model.peft_config
+
+    @property
+    def active_adapter(self) -> str:
+        return self.base_model.active_adapter
+
+    def get_base_model(self) -> nn.Module:
+        return self.base_model.model
+
+    def forward(self, *args, **kwargs):
+        return self.base_model.model(*args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        return self.base_model.model.generate(*args, **kwargs)
+
+    def add_adapter(self, adapter_name: str, peft_config: LoraConfig) -> None:
+        """Add a new, inactive adapter (see `LoraModel.add_adapter`)."""
+        self.base_model.add_adapter(adapter_name, peft_config)
+
+    # --- counting ------------------------------------------------------------------------------
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """(trainable, total) parameter counts; works on a meta-device model.
+
+        4-bit layers count their weight's logical size (in_features * out_features), as PEFT
+        counts bitsandbytes' packed weights.
+        """
+        trainable = total = 0
+        for p in self.parameters():
+            total += p.numel()
+            if p.requires_grad:
+                trainable += p.numel()
+        for module in self.modules():
+            total += getattr(module, "quantized_numel", 0)
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        """Print PEFT's line: `trainable params: N || all params: M || trainable%: P`."""
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+
+    # --- files -----------------------------------------------------------------------------------
+
+    def save_pretrained(self, save_directory: str, selected_adapters: list[str] | None = None) -> None:
+        """Write each adapter as PEFT does: "default" in `save_directory`, others in a subfolder.
+
+        Each file is written to a temporary name and renamed, so a crash leaves either the old
+        file or the new one.
+        """
+        names = selected_adapters or list(self.peft_config)
+        for name in names:
+            self.base_model._check_exists(name)
+        for name in names:
+            io.save_adapter(self.base_model, save_directory, name)
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, model_id: str, adapter_name: str = "default",
+                        is_trainable: bool = False, allow_pickle: bool = False) -> PeftModel:
+        """Load an adapter directory onto `model`.
+
+        Args:
+            model: The base model (modified in place: its target layers are wrapped).
+            model_id: Directory holding adapter_config.json and adapter_model.safetensors.
+            adapter_name: Name to give the adapter. Default "default".
+            is_trainable: Keep the adapter trainable; otherwise it is frozen (inference mode).
+            allow_pickle: Accept a pickled adapter_model.bin (loaded with weights_only=True).
+
+        Raises:
+            AdapterLoadError: the files are missing, malformed, or do not fit the model; the
+                model is then left exactly as it was.
+        """
+        config, tensors = io.read_adapter(model_id, allow_pickle=allow_pickle)
+        config = dataclasses.replace(config, inference_mode=not is_trainable)
+        peft_model = cls(model, config, adapter_name)
+        try:
+            io.load_weights(peft_model.base_model, adapter_name, tensors, source=model_id)
+        except Exception:
+            peft_model.base_model._remove_everywhere(adapter_name)  # unwrap: the model is as it was
+            raise
+        return peft_model
+
+    def load_adapter(self, model_id: str, adapter_name: str, is_trainable: bool = False,
+                     allow_pickle: bool = False) -> None:
+        """Load another adapter directory under `adapter_name` (not made active).
+
+        Raises:
+            AdapterLoadError: as for `from_pretrained`; the model keeps its other adapters as they were.
+            ValueError: the name is invalid or taken.
+        """
+        config, tensors = io.read_adapter(model_id, allow_pickle=allow_pickle)
+        config = dataclasses.replace(config, inference_mode=not is_trainable)
+        self.base_model.add_adapter(adapter_name, config)
+        try:
+            io.load_weights(self.base_model, adapter_name, tensors, source=model_id)
+        except Exception:
+            self.base_model._remove_everywhere(adapter_name)
+            del self.base_model.peft_config[adapter_name]
+            raise
+        self.base_model.set_adapter(self.active_adapter)  # refresh requires_grad for the new adapter
+
+
+def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default") -> PeftModel:
+    """Wrap `model` with a fresh LoRA adapter: target layers wrapped, everything else frozen.
+
+    Raises:
+        ConfigError, TargetError, TypeError: see `LoraConfig` and `LoraModel.add_adapter`.
+    """
+    return PeftModel(model, peft_config, adapter_name)
