@@ -109,12 +109,14 @@ class LoraModel(nn.Module):
                 spec = AdapterSpec(r=config.rank_for(path), alpha=config.alpha_for(path), dropout=config.lora_dropout,
                                    use_rslora=config.use_rslora, lora_bias=config.lora_bias)
                 layer.add_adapter(adapter_name, spec, init=config.init_lora_weights)
+                layer.train(layer.base_layer.training)  # new modules follow the model's train/eval mode
             for path in saved:
                 module = self.model.get_submodule(path)
                 if not isinstance(module, ModulesToSave):
                     module = ModulesToSave(module)
                     self._replace(path, module)
                 module.add_adapter(adapter_name)
+                module.train(module.original_module.training)
         except Exception:
             self._remove_everywhere(adapter_name)
             raise

@@ -1,0 +1,60 @@
+import pytest
+
+from lorakit import ConfigError, LoraConfig
+
+
+def test_defaults_are_peft_defaults():
+    c = LoraConfig()
+    assert (c.r, c.lora_alpha, c.lora_dropout, c.bias, c.init_lora_weights) == (8, 8, 0.0, "none", True)
+    assert c.peft_type == "LORA"
+
+
+@pytest.mark.parametrize("kwargs, fragment", [
+    (dict(r=0), "r must be an integer >= 1"),
+    (dict(r=2.5), "r must be an integer >= 1"),
+    (dict(lora_alpha=0), "lora_alpha must be a number > 0"),
+    (dict(lora_alpha=-1), "lora_alpha must be a number > 0"),
+    (dict(lora_dropout=1.0), "lora_dropout must be in [0, 1)"),
+    (dict(lora_dropout=-0.1), "lora_dropout must be in [0, 1)"),
+    (dict(bias="some"), "bias must be one of"),
+    (dict(init_lora_weights="xavier"), "init_lora_weights must be one of"),
+    (dict(rank_pattern={"q_proj": 0}), "rank_pattern['q_proj']"),
+    (dict(alpha_pattern={"q_proj": -2}), "alpha_pattern['q_proj']"),
+    (dict(target_modules=[1, 2]), "target_modules must be a list"),
+    (dict(target_modules=".*proj", layers_to_transform=[0]), "layers_to_transform cannot be combined"),
+    (dict(layers_to_transform=[-1]), "layers_to_transform must be"),
+    (dict(task_type="CAUSAL"), "task_type must be one of"),
+    (dict(use_dora=True), "DoRA"),
+])
+def test_bad_values_are_named(kwargs, fragment):
+    with pytest.raises(ConfigError) as err:
+        LoraConfig(**kwargs)
+    assert fragment in str(err.value)
+
+
+def test_dict_round_trip():
+    c = LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"], rank_pattern={"q_proj": 2},
+                   modules_to_save=["lm_head"], task_type="CAUSAL_LM")
+    assert LoraConfig.from_dict(c.to_dict()) == c
+
+
+def test_from_dict_tolerates_unknown_and_refuses_other_types():
+    data = LoraConfig().to_dict() | {"peft_version": "0.21.2", "some_future_field": 3, "layer_replication": None}
+    with pytest.warns(UserWarning, match="some_future_field"):
+        LoraConfig.from_dict(data)
+    with pytest.raises(ConfigError, match="peft_type 'IA3'"):
+        LoraConfig.from_dict(data | {"peft_type": "IA3"})
+    with pytest.raises(ConfigError, match="no 'peft_type'"):
+        LoraConfig.from_dict({"r": 8})
+    with pytest.raises(ConfigError, match="layer_replication"):
+        LoraConfig.from_dict(LoraConfig().to_dict() | {"layer_replication": [[0, 2]]})
+
+
+def test_patterns_first_match_at_end_of_path():
+    c = LoraConfig(r=8, lora_alpha=16, rank_pattern={r"layers\.0\.self_attn\.q_proj": 2, "q_proj": 4},
+                   alpha_pattern={"v_proj": 3})
+    assert c.rank_for("model.layers.0.self_attn.q_proj") == 2
+    assert c.rank_for("model.layers.1.self_attn.q_proj") == 4
+    assert c.rank_for("model.layers.1.self_attn.xq_proj") == 8  # suffix must start at a dot
+    assert c.alpha_for("model.layers.1.self_attn.v_proj") == 3
+    assert c.alpha_for("model.layers.1.self_attn.q_proj") == 16
