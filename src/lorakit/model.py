@@ -20,10 +20,8 @@ from torch import nn
 
 from . import dispatch, io
 from .config import LoraConfig
-from .layers import AdapterSpec, LoraLayer, ModulesToSave
+from .layers import BASE_ADAPTER, AdapterRouting, AdapterSpec, LoraLayer, ModulesToSave
 from .targeting import select_modules_to_save, select_targets
-
-BASE_ADAPTER = "__base__"  # the name that means "no adapter" in mixed-adapter batches
 _ADAPTER_NAME = re.compile(r"[A-Za-z0-9_\-]+")
 
 
@@ -241,6 +239,32 @@ class LoraModel(nn.Module):
         return self.model
 
     @contextlib.contextmanager
+    def mixed_batch(self, adapter_names: list[str]) -> Iterator[None]:
+        """Inside the block, row i of every batch runs adapter `adapter_names[i]`.
+
+        `BASE_ADAPTER` ("__base__") means no adapter for that row.
+
+        Raises:
+            KeyError: an unknown adapter name.
+            ValueError: an adapter is merged (its rows could not be told apart).
+        """
+        if not adapter_names:
+            raise ValueError("adapter_names is empty")
+        for name in set(adapter_names) - {BASE_ADAPTER}:
+            self._check_exists(name)
+        if self.merged:
+            raise ValueError("adapter_names cannot be used while an adapter is merged; unmerge_adapter() first")
+        routing = AdapterRouting(adapter_names)
+        wrappers = self._wrappers()
+        for _, wrapper in wrappers:
+            wrapper.routing = routing
+        try:
+            yield
+        finally:
+            for _, wrapper in wrappers:
+                wrapper.routing = None
+
+    @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
         """Run the base model alone inside the block (merged adapters are taken out and put back)."""
         merged = {path: list(layer.merged_adapters) for path, layer in self.lora_layers() if layer.merged_adapters}
@@ -293,11 +317,27 @@ class PeftModel(nn.Module):
     def get_base_model(self) -> nn.Module:
         return self.base_model.model
 
-    def forward(self, *args, **kwargs):
-        return self.base_model.model(*args, **kwargs)
+    def forward(self, *args, adapter_names: list[str] | None = None, **kwargs):
+        """The model's forward; `adapter_names` (one per row, or "__base__") mixes adapters in a batch."""
+        if adapter_names is None:
+            return self.base_model.model(*args, **kwargs)
+        self._check_batch(adapter_names, args, kwargs)
+        with self.base_model.mixed_batch(adapter_names):
+            return self.base_model.model(*args, **kwargs)
 
-    def generate(self, *args, **kwargs):
-        return self.base_model.model.generate(*args, **kwargs)
+    def generate(self, *args, adapter_names: list[str] | None = None, **kwargs):
+        """transformers' generate; `adapter_names` as in forward."""
+        if adapter_names is None:
+            return self.base_model.model.generate(*args, **kwargs)
+        self._check_batch(adapter_names, args, kwargs)
+        with self.base_model.mixed_batch(adapter_names):
+            return self.base_model.model.generate(*args, **kwargs)
+
+    @staticmethod
+    def _check_batch(adapter_names: list[str], args: tuple, kwargs: dict) -> None:
+        first = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+        if isinstance(first, torch.Tensor) and first.shape[0] != len(adapter_names):
+            raise ValueError(f"adapter_names has {len(adapter_names)} entries but the batch has {first.shape[0]} rows")
 
     def add_adapter(self, adapter_name: str, peft_config: LoraConfig) -> None:
         """Add a new, inactive adapter (see `LoraModel.add_adapter`)."""

@@ -5,5 +5,6 @@ from .conv import Conv
 from .embedding import Embedding
 from .linear import Linear
 from .modules_to_save import ModulesToSave
+from .routing import BASE_ADAPTER, AdapterRouting
 
-__all__ = ["AdapterSpec", "LoraLayer", "Linear", "Embedding", "Conv", "ModulesToSave"]
+__all__ = ["AdapterSpec", "LoraLayer", "Linear", "Embedding", "Conv", "ModulesToSave", "AdapterRouting", "BASE_ADAPTER"]

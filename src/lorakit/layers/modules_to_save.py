@@ -21,6 +21,7 @@ class ModulesToSave(nn.Module):
         self.modules_to_save = nn.ModuleDict()
         self.active_adapter: str | None = None
         self.disabled = False
+        self.routing = None  # set by LoraModel for a mixed-adapter batch
 
     def add_adapter(self, name: str) -> None:
         if name in self.modules_to_save:
@@ -57,4 +58,6 @@ class ModulesToSave(nn.Module):
         return self.modules_to_save[self.active_adapter]
 
     def forward(self, *args, **kwargs):
+        if self.routing is not None and not self.disabled:
+            return self.routing.run_module(self.modules_to_save, self.original_module, *args, **kwargs)
         return self._current()(*args, **kwargs)

@@ -1,0 +1,167 @@
+"""The `lorakit` command line: each subcommand is a typed Python function.
+
+Usage: lorakit <command> [--flag value ...]      lorakit <command> --help
+
+A command's flags, types, defaults and help text come from its function's signature and its
+Google-style docstring (`Args:` section), so the CLI and the Python API cannot drift apart.
+Every command also takes `--config FILE.yaml`: its keys (flag names, with - or _) become
+the defaults, and flags given on the command line override them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import inspect
+import os
+import re
+import sys
+import types
+import typing
+from collections.abc import Callable
+from typing import Any, Literal
+
+# name -> "module:function"; imported only when that command runs (or for --help).
+COMMANDS: dict[str, str] = {
+    "demo": "lorakit.demo:demo",
+    "train": "lorakit.train.loop:train",
+    "generate": "lorakit.generate:generate",
+}
+
+
+def load_command(name: str) -> Callable[..., Any]:
+    module_name, func_name = COMMANDS[name].split(":")
+    return getattr(importlib.import_module(module_name), func_name)
+
+
+# --- signature -> argparse --------------------------------------------------------------------------
+
+def docstring_args(fn: Callable[..., Any]) -> tuple[str, dict[str, str]]:
+    """(summary, {param: help}) from a Google-style docstring."""
+    doc = inspect.getdoc(fn) or ""
+    summary = doc.split("\n\n")[0].replace("\n", " ")
+    helps: dict[str, str] = {}
+    section = re.search(r"^Args:\n((?:[ \t]+.*\n?|\n)*)", doc, re.MULTILINE)
+    if section:
+        current = None
+        for line in section.group(1).splitlines():
+            match = re.match(r"^ {4}(\w+)(?: \([^)]*\))?: ?(.*)$", line)
+            if match:
+                current = match.group(1)
+                helps[current] = match.group(2).strip()
+            elif current and line.strip():
+                helps[current] += " " + line.strip()
+    return summary, helps
+
+
+def _unwrap_optional(annotation: Any) -> Any:
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+        return str if str in args else args[0]
+    return annotation
+
+
+def _list_parser(item_type: type) -> Callable[[str], list[Any]]:
+    def parse(text: str) -> list[Any]:
+        return [item_type(part.strip()) for part in text.split(",") if part.strip()]
+
+    parse.__name__ = f"comma-separated {item_type.__name__}s"
+    return parse
+
+
+def add_arguments(parser: argparse.ArgumentParser, fn: Callable[..., Any]) -> None:
+    """Add one flag per parameter of `fn` (positional for parameters without a default)."""
+    hints = typing.get_type_hints(fn)
+    _, helps = docstring_args(fn)
+    for name, param in inspect.signature(fn).parameters.items():
+        annotation = _unwrap_optional(hints.get(name, str))
+        required = param.default is inspect.Parameter.empty
+        kwargs: dict[str, Any] = {"help": helps.get(name, "")}
+        if not required:
+            kwargs["default"] = param.default
+            if param.default not in (None, False, "") and kwargs["help"]:
+                kwargs["help"] += f" (default: {param.default})"
+        if annotation is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(annotation) is Literal:
+            kwargs["choices"] = list(typing.get_args(annotation))
+        elif typing.get_origin(annotation) is list:
+            (item,) = typing.get_args(annotation) or (str,)
+            kwargs["type"] = _list_parser(item)
+        elif annotation in (int, float, str):
+            kwargs["type"] = annotation
+        if required:
+            parser.add_argument(name, **kwargs)
+        else:
+            parser.add_argument("--" + name.replace("_", "-"), dest=name, **kwargs)
+
+
+def command_parser(name: str) -> argparse.ArgumentParser:
+    fn = load_command(name)
+    summary, _ = docstring_args(fn)
+    parser = argparse.ArgumentParser(prog=f"lorakit {name}", description=summary)
+    parser.add_argument("--config", dest="_config_file", metavar="FILE.yaml",
+                        help="YAML file whose keys set the defaults of these flags")
+    add_arguments(parser, fn)
+    return parser
+
+
+def parse(name: str, argv: list[str]) -> dict[str, Any]:
+    """Flags for command `name`: YAML config values first, command-line flags over them.
+
+    Raises:
+        SystemExit: bad flags or an unknown key in the YAML file (argparse's exit code 2).
+    """
+    parser = command_parser(name)
+    first, _ = parser.parse_known_args(argv)
+    if first._config_file:
+        import yaml
+
+        with open(first._config_file) as f:
+            values = yaml.safe_load(f) or {}
+        if not isinstance(values, dict):
+            parser.error(f"{first._config_file}: expected a mapping of flag names to values")
+        known = {a.dest for a in parser._actions}
+        values = {k.replace("-", "_"): v for k, v in values.items()}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            parser.error(f"{first._config_file}: unknown keys {unknown}")
+        for action in parser._actions:  # a positional given in the file is no longer required
+            if action.dest in values and not action.option_strings:
+                action.nargs = "?"
+        parser.set_defaults(**values)
+    args = vars(parser.parse_args(argv))
+    args.pop("_config_file")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        lines = ["usage: lorakit <command> [flags]   (lorakit <command> --help for its flags)", "", "commands:"]
+        for name in COMMANDS:
+            lines.append(f"  {name:10s} {docstring_args(load_command(name))[0]}")
+        print("\n".join(lines))
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"\nlorakit: unknown command {argv[0]!r}", file=sys.stderr)
+            return 2
+        return 0
+    name, rest = argv[0], argv[1:]
+    kwargs = parse(name, rest)
+    try:
+        result = load_command(name)(**kwargs)
+    except KeyboardInterrupt:
+        return 130
+    except (ValueError, FileNotFoundError) as err:  # user errors: one clear line, no traceback
+        if "LORAKIT_DEBUG" in os.environ:
+            raise
+        print(f"lorakit {name}: error: {err}", file=sys.stderr)
+        return 1
+    return result if isinstance(result, int) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
