@@ -1,0 +1,67 @@
+"""Text generation from a base model plus an optional adapter, streamed to the terminal.
+
+Usage: lorakit generate "Write a haiku about autumn" [--adapter out/adapter] [--temperature 0.7]
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+
+def generate(
+    prompt: str,
+    model: str | None = None,
+    adapter: str | None = None,
+    chat: bool = True,
+    system: str | None = None,
+    max_new_tokens: int = 128,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    dtype: Literal["fp32", "bf16"] = "fp32",
+) -> str:
+    """Generate a continuation of a prompt (or an answer to a chat message), streamed as it comes.
+
+    Args:
+        prompt: The text, or the user's chat message with --chat (the default).
+        model: A local Hugging Face model folder; the embedded SmolLM2-135M-Instruct when omitted.
+        adapter: An adapter directory to apply (lorakit or PEFT format).
+        chat: Render the prompt with the tokenizer's chat template as a user message.
+        system: An optional system message (with --chat).
+        max_new_tokens: Most tokens to generate.
+        temperature: 0 for greedy decoding; above 0 samples.
+        top_p: Nucleus sampling threshold (with temperature > 0).
+        seed: Random seed for sampling.
+        dtype: Weights' precision.
+
+    Returns:
+        The generated text (without the prompt).
+    """
+    from transformers import TextStreamer
+
+    from .hub import load_model_and_tokenizer
+    from .model import PeftModel
+
+    torch.manual_seed(seed)
+    base, tokenizer = load_model_and_tokenizer(model, dtype=torch.bfloat16 if dtype == "bf16" else torch.float32)
+    net = PeftModel.from_pretrained(base, adapter) if adapter else base
+    net.eval()
+    input_ids = encode_prompt(tokenizer, prompt, chat=chat, system=system)
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
+    with torch.no_grad():
+        out = net.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
+                           streamer=streamer,
+                           pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id, **sampling)
+    return tokenizer.decode(out[0, input_ids.shape[1]:], skip_special_tokens=True)
+
+
+def encode_prompt(tokenizer, prompt: str, chat: bool = True, system: str | None = None) -> torch.Tensor:
+    """Token ids (1, T) of a prompt, through the chat template when `chat` and the tokenizer has one."""
+    if chat and getattr(tokenizer, "chat_template", None):
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
+    return tokenizer(prompt, return_tensors="pt").input_ids
