@@ -1,0 +1,335 @@
+"""The serving engine: batched steps equal the library's own generate, rows fail and stop alone."""
+
+import threading
+
+import pytest
+import torch
+from transformers import MistralConfig, MistralForCausalLM
+
+from lorakit import BASE_ADAPTER, AdapterLoadError, LoraConfig, PeftModel, get_peft_model
+from lorakit.io import read_adapter
+from lorakit.layers import LoraLayer
+from lorakit.serve.engine import Engine, Output, SamplingParams, TextStream, sample_token
+
+from conftest import tiny_llama
+
+EOS = 2  # LlamaConfig's default eos_token_id
+GREEDY = dict(temperature=0.0)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny matrices: a second intra-op thread only adds synchronization (seconds on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class WordTokenizer:
+    """Token id i decodes to the word "w<i>"; the end-of-sequence id is special and skipped."""
+
+    eos_token_id = EOS
+
+    def decode(self, ids, skip_special_tokens=True, clean_up_tokenization_spaces=False):
+        return " ".join(f"w{i}" for i in ids if not (skip_special_tokens and i == EOS))
+
+
+class Collect:
+    """Receives one request's Outputs (engine thread) and counts on_done calls."""
+
+    def __init__(self):
+        self.outputs: list[Output] = []
+        self.released = 0
+        self.done = threading.Event()
+
+    def emit(self, out):
+        self.outputs.append(out)
+
+    def on_done(self):
+        self.released += 1
+        self.done.set()
+
+    def wait(self):
+        assert self.done.wait(30), "request did not finish"
+        return self
+
+    @property
+    def tokens(self):
+        return [t for out in self.outputs for t in out.token_ids]
+
+    @property
+    def text(self):
+        return "".join(out.text for out in self.outputs)
+
+    @property
+    def last(self):
+        return self.outputs[-1]
+
+
+def base_model():
+    # initializer_range 0.3: logits far apart, so argmax is not decided by float rounding
+    return tiny_llama(0, initializer_range=0.3, max_position_embeddings=128)
+
+
+def adapters_model():
+    torch.manual_seed(1)
+    model = get_peft_model(base_model(), LoraConfig(r=4, lora_alpha=16, init_lora_weights=False,
+                                                    target_modules=["q_proj", "v_proj"]), adapter_name="a")
+    model.add_adapter("b", LoraConfig(r=2, lora_alpha=8, init_lora_weights=False, target_modules="all-linear"))
+    model.add_adapter("c", LoraConfig(r=8, lora_alpha=16, init_lora_weights=False,
+                                      target_modules=["embed_tokens", "o_proj"]))
+    return model.eval()
+
+
+def reference(model, adapter, prompt, max_new_tokens):
+    """The library's own greedy answer for one prompt with one adapter."""
+    ids = torch.tensor([prompt])
+    kw = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        if adapter == BASE_ADAPTER:
+            with model.disable_adapter():
+                out = model.generate(ids, **kw)
+        elif isinstance(model, PeftModel):
+            model.set_adapter(adapter)
+            out = model.generate(ids, **kw)
+        else:
+            out = model.generate(ids, **kw)
+    return out[0, len(prompt):].tolist()
+
+
+def submit(engine, prompt, adapter, **params):
+    collect = Collect()
+    engine.submit(prompt, adapter, SamplingParams(**params), collect.emit, collect.on_done)
+    return collect
+
+
+PROMPTS = [[5, 17, 42, 8], [61, 3, 9, 27, 33, 70, 12], [88]]
+
+
+def test_all_running_rows_share_one_forward_and_equal_generate():
+    model = adapters_model()
+    engine = Engine(model, WordTokenizer(), max_batch_size=16)
+    jobs = [(name, prompt) for name in ["a", "b", BASE_ADAPTER, "c"] for prompt in PROMPTS]
+    results = [submit(engine, prompt, name, max_tokens=10, **GREEDY) for name, prompt in jobs]  # all queued before start
+    engine.start()
+    for result in results:
+        result.wait()
+    engine.stop()
+    answers = {}
+    for (name, prompt), result in zip(jobs, results):
+        expected = reference(model, name, prompt, 10)
+        assert result.tokens == expected, (name, prompt)
+        assert result.last.finish_reason == ("stop" if expected[-1] == EOS else "length")
+        assert result.last.completion_tokens == len(expected) and result.last.prompt_tokens == len(prompt)
+        assert result.released == 1
+        answers[name, tuple(prompt)] = expected
+    assert len({tuple(answers[n, tuple(PROMPTS[0])]) for n in ["a", "b", BASE_ADAPTER, "c"]}) == 4  # adapters matter
+    assert engine.stats.prefills == len(jobs)
+    still_running = sum(1 for name, prompt in jobs if answers[name, tuple(prompt)][0] != EOS)
+    assert max(engine.stats.decode_batch_sizes) == still_running  # every row in the same forward
+
+
+def test_new_requests_join_between_steps():
+    model = adapters_model()
+    engine = Engine(model, WordTokenizer(), max_batch_size=4)
+    engine.eos_token_ids = set()  # run to max_tokens, so the two overlap for sure
+    order = []
+    late = {}
+
+    class First(Collect):
+        def emit(self, out):
+            super().emit(out)
+            order.append("first")
+            if len(self.outputs) == 3:  # submitted from inside a step: joins at the next boundary
+                late["b"] = submit(engine, PROMPTS[1], "b", max_tokens=6, **GREEDY)
+
+    first = First()
+    engine.submit(PROMPTS[0], "a", SamplingParams(max_tokens=12, **GREEDY), first.emit, first.on_done)
+    engine.start()
+    first.wait()
+    late["b"].wait()
+    engine.stop()
+    model.generation_config.eos_token_id = None
+    assert first.tokens == reference(model, "a", PROMPTS[0], 12)
+    assert late["b"].tokens == reference(model, "b", PROMPTS[1], 6)
+    assert engine.stats.decode_batch_sizes[1] >= 2 and engine.stats.decode_batch_sizes[2] >= 5
+    assert order.count("first") == 12 and order[-1] == "first"  # "a" kept going while "b" ran
+
+
+def test_max_batch_size_queues_the_rest():
+    model = adapters_model()
+    engine = Engine(model, WordTokenizer(), max_batch_size=2)
+    results = [submit(engine, PROMPTS[i % 3], "ab"[i % 2], max_tokens=5, **GREEDY) for i in range(5)]
+    engine.start()
+    for result in results:
+        result.wait()
+    engine.stop()
+    assert max(engine.stats.decode_batch_sizes) == 2
+    for i, result in enumerate(results):
+        assert result.tokens == reference(model, "ab"[i % 2], PROMPTS[i % 3], 5)
+
+
+def test_a_failing_row_fails_alone():
+    model = adapters_model()
+    real_forward = model.forward
+
+    def forward(*args, adapter_names=None, **kwargs):  # adapter "c" breaks in decode steps only
+        if adapter_names and "c" in adapter_names and kwargs["input_ids"].shape[1] == 1:
+            raise RuntimeError("boom")
+        return real_forward(*args, adapter_names=adapter_names, **kwargs)
+
+    model.forward = forward
+    engine = Engine(model, WordTokenizer())
+    jobs = [("a", PROMPTS[0]), ("c", PROMPTS[1]), (BASE_ADAPTER, PROMPTS[2])]
+    results = [submit(engine, prompt, name, max_tokens=8, **GREEDY) for name, prompt in jobs]
+    engine.start()
+    for result in results:
+        result.wait()
+    engine.stop()
+    model.forward = real_forward
+    broken = results[1]
+    assert isinstance(broken.last.error, RuntimeError) and "boom" in str(broken.last.error)
+    assert broken.last.finish_reason is None and len(broken.tokens) == 1  # its prefill token, then the failure
+    for (name, prompt), result in zip(jobs, results):
+        assert result.released == 1
+        if name != "c":
+            assert result.last.error is None
+            assert result.tokens == reference(model, name, prompt, 8)
+
+
+def test_finish_reasons_and_stop_strings():
+    model = adapters_model()
+    engine = Engine(model, WordTokenizer())
+    engine.eos_token_ids = set()
+    engine.start()
+    model_answer = submit(engine, PROMPTS[1], "b", max_tokens=6, **GREEDY).wait()
+    assert model_answer.last.finish_reason == "length" and len(model_answer.tokens) == 6
+
+    full = model_answer.text
+    stop = f"w{model_answer.tokens[2]}"
+    stopped = submit(engine, PROMPTS[1], "b", max_tokens=6, stop=(stop, "never-there"), **GREEDY).wait()
+    assert stopped.last.finish_reason == "stop"
+    assert stopped.text == full[:full.index(stop)]
+
+    engine.eos_token_ids = {model_answer.tokens[0]}
+    eos = submit(engine, PROMPTS[1], "b", max_tokens=6, **GREEDY).wait()
+    assert eos.last.finish_reason == "stop" and eos.tokens == model_answer.tokens[:1]
+    engine.stop()
+
+
+def test_cancel_waiting_and_running_requests():
+    engine = Engine(adapters_model(), WordTokenizer())
+    engine.eos_token_ids = set()
+    waiting = Collect()
+    handle = engine.submit(PROMPTS[0], "a", SamplingParams(max_tokens=5), waiting.emit, waiting.on_done)
+    handle.cancel()
+
+    class CancelAfterTwo(Collect):
+        def emit(self, out):
+            super().emit(out)
+            if len(self.outputs) == 2:
+                running_handle.cancel()
+
+    running = CancelAfterTwo()
+    running_handle = engine.submit(PROMPTS[1], "b", SamplingParams(max_tokens=50), running.emit, running.on_done)
+    engine.start()
+    waiting.wait()
+    running.wait()
+    engine.stop()
+    assert waiting.outputs == [] and waiting.released == 1
+    assert len(running.outputs) == 2 and running.last.finish_reason is None and running.released == 1
+    assert engine.stats.cancelled == 2 and engine.stats.prefills == 1
+
+
+def test_attach_and_detach_adapters_between_steps(tmp_path):
+    torch.manual_seed(3)
+    trained = get_peft_model(base_model(), LoraConfig(r=4, lora_alpha=16, init_lora_weights=False,
+                                                      target_modules="all-linear"))
+    trained.save_pretrained(tmp_path / "x")
+    get_peft_model(tiny_llama(0, hidden_size=16, num_attention_heads=2, num_key_value_heads=1),  # another base
+                   LoraConfig(r=4, target_modules="all-linear")).save_pretrained(tmp_path / "other")
+
+    base = base_model()
+    engine = Engine(base, WordTokenizer())
+    engine.start()
+    base_answer = submit(engine, PROMPTS[0], BASE_ADAPTER, max_tokens=6, **GREEDY).wait().tokens
+
+    engine.attach_adapter("x", *read_adapter(tmp_path / "x")).result(timeout=30)
+    with_x = submit(engine, PROMPTS[0], "x", max_tokens=6, **GREEDY).wait().tokens
+    assert with_x == reference(PeftModel.from_pretrained(base_model(), str(tmp_path / "x")), "default", PROMPTS[0], 6)
+    assert with_x != base_answer
+
+    with pytest.raises(AdapterLoadError, match="shape mismatches"):
+        engine.attach_adapter("y", *read_adapter(tmp_path / "other")).result(timeout=30)
+    assert {n for m in base.modules() if isinstance(m, LoraLayer) for n in m.adapters} == {"x"}
+
+    gate = threading.Event()
+    engine.run_between_steps(gate.wait)  # hold the engine between two steps
+    queued = submit(engine, PROMPTS[1], "x", max_tokens=3, **GREEDY)
+    detach_in_use = engine.detach_adapter("x")
+    gate.set()
+    with pytest.raises(RuntimeError, match="used by 1 request"):
+        detach_in_use.result(timeout=30)
+    assert queued.wait().last.error is None
+
+    engine.detach_adapter("x").result(timeout=30)
+    assert not any(isinstance(m, LoraLayer) for m in base.modules())  # the last adapter gone: plain model again
+    assert submit(engine, PROMPTS[0], BASE_ADAPTER, max_tokens=6, **GREEDY).wait().tokens == base_answer
+    unknown = submit(engine, PROMPTS[0], "x", max_tokens=2, **GREEDY).wait()
+    assert "no adapter named 'x'" in str(unknown.last.error)
+    engine.stop()
+
+
+def test_refuses_sliding_window_models():
+    config = MistralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, vocab_size=50, sliding_window=8)
+    with pytest.raises(ValueError, match="full-attention"):
+        Engine(MistralForCausalLM(config), WordTokenizer())
+
+
+class PieceTokenizer:
+    def __init__(self, pieces):
+        self.pieces = pieces
+
+    def decode(self, ids, skip_special_tokens=True, clean_up_tokenization_spaces=False):
+        return "".join(self.pieces[i] for i in ids)
+
+
+def test_text_stream_holds_back_possible_stop_strings():
+    stream = TextStream(PieceTokenizer({1: "Hel", 2: "lo", 3: " wor", 4: "ld"}), stop=("lo w",))
+    assert stream.push(1) == "He"        # "l" may start "lo w"
+    assert stream.push(2) == "l"         # "lo" may too
+    assert stream.push(3) == "" and stream.stopped
+    assert stream.flush() == ""          # the answer is "Hel"
+
+    stream = TextStream(PieceTokenizer({1: "Hel", 2: "lo", 3: "!"}), stop=("lo w",))
+    assert stream.push(1) + stream.push(2) + stream.push(3) == "Hello!" and not stream.stopped
+
+
+def test_text_stream_holds_back_incomplete_characters():
+    bytes_of = {1: "ab", 2: "\ufffd", 3: "é"}  # a byte-level tokenizer shows half a character as U+FFFD
+
+    class Utf8:
+        def decode(self, ids, **_):
+            text = "".join(bytes_of[i] for i in ids)
+            return text.replace("\ufffdé", "é")
+
+    stream = TextStream(Utf8())
+    assert stream.push(1) == "ab"
+    assert stream.push(2) == ""
+    assert stream.push(3) == "é"
+    assert stream.flush() == ""
+
+
+def test_sample_token():
+    logits = torch.tensor([0.1, 3.0, 2.9, -1.0])
+    generator = torch.Generator().manual_seed(0)
+    assert sample_token(logits, SamplingParams(1, temperature=0.0), generator) == 1
+    assert {sample_token(logits, SamplingParams(1, temperature=2.0, top_p=1e-6), generator) for _ in range(50)} == {1}
+    probs = torch.tensor([0.5, 0.3, 0.2]).log()
+    drawn = {sample_token(probs, SamplingParams(1, top_p=0.6), generator) for _ in range(300)}
+    assert drawn == {0, 1}  # 0.5 < 0.6 so the second token stays; the third never
+    first = [sample_token(probs, SamplingParams(1), torch.Generator().manual_seed(7)) for _ in range(20)]
+    again = [sample_token(probs, SamplingParams(1), torch.Generator().manual_seed(7)) for _ in range(20)]
+    assert first == again
