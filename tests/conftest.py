@@ -30,3 +30,47 @@ def tiny_bert_classifier(seed: int = 0) -> BertForSequenceClassification:
 @pytest.fixture
 def ids() -> torch.Tensor:
     return torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(1))
+
+
+# --- a tiny model folder with its own tokenizer, for the trainer and the CLI ----------------------
+
+TINY_WORDS = ("copy reverse : the a cat dog sat on mat ran fast slow red blue green one two three four five "
+              "USER ASSISTANT SYSTEM").split()
+TINY_CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] | upper }} : {{ m['content'] }} <eos> {% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT : {% endif %}"
+)
+
+
+def make_tiny_model_dir(path, seed: int = 0, hidden: int = 32, layers: int = 2):
+    """Save a random LlamaForCausalLM and a whitespace word-level tokenizer (with a chat template) to `path`."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(["<pad>", "<eos>", "<unk>", *TINY_WORDS])}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+    tokenizer.chat_template = TINY_CHAT_TEMPLATE
+    model = tiny_llama(seed, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                       vocab_size=len(vocab), pad_token_id=0, eos_token_id=1, bos_token_id=1,
+                       initializer_range=0.2)  # larger than 0.02 so a few LoRA steps visibly learn
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def write_copy_task(path, n: int = 64, seed: int = 0):
+    """Alpaca JSONL: copy or reverse a few words (learnable in a few steps)."""
+    import json
+    import random
+
+    rng = random.Random(seed)
+    words = TINY_WORDS[3:-3]
+    with open(path, "w") as f:
+        for _ in range(n):
+            seq = rng.choices(words, k=rng.randint(2, 5))
+            op = rng.choice(["copy", "reverse"])
+            out = seq if op == "copy" else seq[::-1]
+            f.write(json.dumps({"instruction": f"{op} : {' '.join(seq)}", "output": " ".join(out)}) + "\n")
+    return path

@@ -65,3 +65,37 @@ def encode_prompt(tokenizer, prompt: str, chat: bool = True, system: str | None 
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
     return tokenizer(prompt, return_tensors="pt").input_ids
+
+
+@torch.no_grad()
+def generate_batch(model, tokenizer, prompts: list[list[int]], max_new_tokens: int = 64, batch_size: int = 16,
+                   adapter_names: list[str] | None = None) -> list[str]:
+    """Greedy completions of many tokenized prompts, in left-padded batches.
+
+    Args:
+        model: A transformers model or PeftModel.
+        tokenizer: Its tokenizer (for the pad/EOS ids and decoding).
+        prompts: Token ids of each prompt (e.g. from `lorakit.train.data.encode_prompt`).
+        max_new_tokens: Most tokens generated per prompt.
+        batch_size: Prompts per generate call.
+        adapter_names: Per-prompt adapter names for a PeftModel (mixed-adapter batches).
+
+    Returns:
+        The decoded completions (prompt excluded, special tokens skipped), in input order.
+    """
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    model.eval()
+    texts: list[str] = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start:start + batch_size]
+        width = max(len(p) for p in chunk)
+        input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)  # (B, T), padded on the left
+        attention_mask = torch.zeros_like(input_ids)
+        for row, ids in enumerate(chunk):
+            input_ids[row, width - len(ids):] = torch.tensor(ids)
+            attention_mask[row, width - len(ids):] = 1
+        extra = {"adapter_names": adapter_names[start:start + batch_size]} if adapter_names else {}
+        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
+                             do_sample=False, pad_token_id=pad_id, **extra)
+        texts += tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+    return texts

@@ -1,0 +1,120 @@
+"""The trainer on a tiny real model folder: loss falls, files, checkpoints, resume, torchrun."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from lorakit import PeftModel
+from lorakit.train.loop import global_batches, lr_lambda, train
+
+from conftest import make_tiny_model_dir, write_copy_task
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    return make_tiny_model_dir(root / "model"), write_copy_task(root / "data.jsonl", n=96)
+
+
+def run(setup, out, **kw):
+    model, data = setup
+    args = dict(data=str(data), model=str(model), out=str(out), r=4, lora_alpha=8, target_modules=["all-linear"],
+                lora_dropout=0.0, batch_size=4, lr=3e-2, max_steps=12, val_fraction=0.1, quiet=True)
+    return train(**(args | kw))
+
+
+def adapter_tensors(out):
+    return load_file(Path(out) / "adapter" / "adapter_model.safetensors")
+
+
+def test_loss_falls_and_files_are_written(setup, tmp_path):
+    summary = run(setup, tmp_path, max_steps=30, eval_every=10, log_every=1)
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps = [x for x in lines if "loss" in x]
+    evals = [x for x in lines if "val_loss" in x]
+    assert [x["step"] for x in steps] == list(range(1, 31))
+    assert {"loss", "lr", "tokens", "tokens_per_s", "elapsed_s", "grad_norm"} <= steps[0].keys()
+    assert [x["step"] for x in evals] == [10, 20, 30]
+    first, last = sum(x["loss"] for x in steps[:3]) / 3, sum(x["loss"] for x in steps[-3:]) / 3
+    assert last < 0.85 * first
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"]
+    config = yaml.safe_load((tmp_path / "run_config.yaml").read_text())
+    assert config["r"] == 4 and config["total_steps"] == 30 and config["world_size"] == 1
+    assert summary["val_loss"] == evals[-1]["val_loss"]
+    model, _ = setup
+    from transformers import AutoModelForCausalLM
+
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model), str(tmp_path / "adapter"))
+    assert len(list(loaded.base_model.lora_layers())) == 2 * 7
+
+
+def test_lr_schedule_warmup_then_cosine():
+    f = lr_lambda(warmup_steps=4, total_steps=12)
+    assert [round(f(s), 3) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert f(4) == 1.0 and f(8) == pytest.approx(0.5) and f(12) == pytest.approx(0.0)
+
+
+def test_global_batches_cover_each_epoch_once():
+    batches = list(global_batches(10, 5, seed=3, start_step=0, total_steps=4))
+    assert sorted(batches[0] + batches[1]) == list(range(10))
+    assert batches[2] != batches[0]  # a new shuffle per epoch
+    assert list(global_batches(10, 5, seed=3, start_step=3, total_steps=4)) == batches[3:]
+
+
+def test_gradient_checkpointing_and_bf16_run(setup, tmp_path):
+    summary = run(setup, tmp_path, max_steps=3, gradient_checkpointing=True, precision="bf16", lora_dropout=0.1)
+    assert summary["steps"] == 3 and all(torch.isfinite(t).all() for t in adapter_tensors(tmp_path).values())
+
+
+def test_checkpoint_resume_equals_uninterrupted(setup, tmp_path):
+    reference = run(setup, tmp_path / "ref", max_steps=40, lora_dropout=0.1)
+    assert reference["steps"] == 40
+    model, data = setup
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "lorakit.cli", "train", "--data", str(data), "--model", str(model), "--out", str(out),
+           "--r", "4", "--lora-alpha", "8", "--target-modules", "all-linear", "--lora-dropout", "0.1",
+           "--batch-size", "4", "--lr", "0.03", "--max-steps", "40", "--val-fraction", "0.1", "--save-every", "5",
+           "--quiet"]
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not (out / "checkpoints" / "step-0000010" / "trainer_state.pt").exists():
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        assert time.time() < deadline
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (out / "adapter").exists()  # killed before the end
+    resumed = run(setup, out, max_steps=40, lora_dropout=0.1, save_every=5, resume=True)
+    assert resumed["steps"] == 40
+    ref, got = adapter_tensors(tmp_path / "ref"), adapter_tensors(out)
+    assert ref.keys() == got.keys()
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-4, atol=1e-5)
+
+
+def test_torchrun_two_processes_match_one(setup, tmp_path):
+    one = run(setup, tmp_path / "one", batch_size=4, max_steps=6)
+    model, data = setup
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "lorakit.cli",
+           "--", "train", "--data", str(data), "--model", str(model), "--out", str(tmp_path / "two"), "--r", "4",
+           "--lora-alpha", "8", "--target-modules", "all-linear", "--lora-dropout", "0", "--batch-size", "2",
+           "--lr", "0.03", "--max-steps", "6", "--val-fraction", "0.1", "--quiet"]
+    result = subprocess.run(cmd, env=os.environ | {"OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    config = yaml.safe_load((tmp_path / "two" / "run_config.yaml").read_text())
+    assert config["world_size"] == 2 and config["global_batch"] == 4
+    a, b = adapter_tensors(tmp_path / "one"), adapter_tensors(tmp_path / "two")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
+    assert one["steps"] == 6
