@@ -203,11 +203,19 @@ class LoraModel(nn.Module):
         Raises:
             KeyError: an unknown adapter name.
             ValueError: with safe_merge, a merged weight would hold NaN or inf (nothing merged).
+            QuantizedMergeError: an adapter is on a 4-bit base layer (nothing merged); use
+                `merge_and_unload`, which dequantizes.
         """
         names = adapter_names or [self.active_adapter]
         for name in names:
             self._check_exists(name)
         layers = list(self.lora_layers())
+        refused = [path for path, layer in layers
+                   if not getattr(layer, "mergeable", True) and any(n in layer.adapters for n in names)]
+        if refused:
+            from .quant.lora import MERGE_REFUSAL, QuantizedMergeError
+
+            raise QuantizedMergeError(f"{MERGE_REFUSAL} ({len(refused)} layers, e.g. {refused[0]}; nothing was merged)")
         if safe_merge:
             for path, layer in layers:
                 present = [n for n in names if n in layer.adapters and n not in layer.merged_adapters]
@@ -221,10 +229,33 @@ class LoraModel(nn.Module):
         for _, layer in self.lora_layers():
             layer.unmerge()
 
-    def merge_and_unload(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
-        """Merge adapters into the base and return the plain model, with no wrapper left."""
+    def merge_and_unload(self, safe_merge: bool = False, adapter_names: list[str] | None = None,
+                         dtype: torch.dtype | str | None = None) -> nn.Module:
+        """Merge adapters into the base and return the plain model, with no wrapper left.
+
+        On a quantized base (4-bit layers) every 4-bit layer is dequantized, ΔW added in float32
+        and the result stored as an `nn.Linear` (see `lorakit.quant.lora.merge_and_dequantize`).
+
+        Args:
+            safe_merge: Check every merged weight for NaN/inf before changing any.
+            adapter_names: Adapters to merge. Default: the active adapter.
+            dtype: dtype of the returned model. None (default): unchanged for a float base,
+                bfloat16 for a quantized one. "original" (quantized base): each dequantized
+                layer gets its pre-quantization dtype. A torch dtype: the model is cast to it.
+
+        Raises:
+            KeyError: an unknown adapter name.
+            ValueError: with safe_merge, a merged weight would hold NaN or inf (nothing merged).
+        """
+        from .quant.lora import has_quantized_layers, merge_and_dequantize
+
+        if has_quantized_layers(self.model):
+            return merge_and_dequantize(self, adapter_names, safe_merge=safe_merge, dtype=dtype)
         self.merge_adapter(adapter_names, safe_merge=safe_merge)
-        return self.unload()
+        model = self.unload()
+        if isinstance(dtype, torch.dtype):
+            model.to(dtype)
+        return model
 
     def unload(self) -> nn.Module:
         """Return the plain model: LoRA wrappers replaced by their base layers (merged weights
@@ -425,10 +456,30 @@ class PeftModel(nn.Module):
         self.base_model.set_adapter(self.active_adapter)  # refresh requires_grad for the new adapter
 
 
-def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default") -> PeftModel:
+def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default",
+                   quantize: str | None = None, double_quant: bool = False,
+                   compute_dtype: torch.dtype | None = None) -> PeftModel:
     """Wrap `model` with a fresh LoRA adapter: target layers wrapped, everything else frozen.
 
+        peft_model = get_peft_model(base, config, quantize="nf4")   # QLoRA
+
+    Args:
+        model: The base model (modified in place).
+        peft_config: The adapter's config.
+        adapter_name: Its name. Default "default".
+        quantize: "nf4" first replaces every `nn.Linear` except the output head (and modules
+            trained in full) by a frozen 4-bit `lorakit.quant.Linear4bit`. Default None.
+        double_quant: With `quantize`, 8-bit quantize the NF4 scales too. Default False.
+        compute_dtype: With `quantize`, the 4-bit layers' matmul dtype; None (default) uses
+            each input's dtype.
+
     Raises:
-        ConfigError, TargetError, TypeError: see `LoraConfig` and `LoraModel.add_adapter`.
+        ConfigError, TargetError, TypeError: see `LoraConfig` and `LoraModel.add_adapter`
+            (a TargetError is raised before anything is quantized).
+        ValueError: an unknown `quantize` method.
     """
+    if quantize is not None:
+        from .quant.lora import quantize_for_lora
+
+        quantize_for_lora(model, peft_config, quantize, double_quant=double_quant, compute_dtype=compute_dtype)
     return PeftModel(model, peft_config, adapter_name)

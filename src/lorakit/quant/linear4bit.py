@@ -199,6 +199,16 @@ class Linear4bit(nn.Module):
         return layer
 
     @property
+    def quantized_numel(self) -> int:
+        """Logical size of the 4-bit weight, ``in_features * out_features``.
+
+        The packed ``weight`` is a buffer, not a parameter, so parameter counts
+        (``PeftModel.get_nb_trainable_parameters``) add this instead, as PEFT
+        counts a bitsandbytes 4-bit weight by its unpacked size.
+        """
+        return self.in_features * self.out_features
+
+    @property
     def quantized_weight(self) -> NF4Tensor:
         """The weight as an :class:`NF4Tensor` viewing this layer's buffers."""
         return NF4Tensor(

@@ -278,8 +278,8 @@ class NF4Tensor:
         Returns:
             Tensor of the original shape.
         """
-        flat = self._dequantize_flat(0, self.numel, self.scales())  # (numel,)
-        return flat.to(dtype or self.dtype).view(self.shape)
+        flat = self._dequantize_flat(0, self.numel, self.scales(), dtype or self.dtype)  # (numel,)
+        return flat.view(self.shape)
 
     def dequantize_rows(
         self,
@@ -311,20 +311,30 @@ class NF4Tensor:
             raise ValueError(f"bad row range [{start}, {stop}) for shape {tuple(self.shape)}")
         row_numel = math.prod(self.shape[1:])
         scales = self.scales() if scales is None else scales
-        flat = self._dequantize_flat(start * row_numel, stop * row_numel, scales)
-        return flat.to(dtype or self.dtype).view(stop - start, *self.shape[1:])
+        flat = self._dequantize_flat(start * row_numel, stop * row_numel, scales, dtype or self.dtype)
+        return flat.view(stop - start, *self.shape[1:])
 
-    def _dequantize_flat(self, begin: int, end: int, scales: torch.Tensor) -> torch.Tensor:
-        """float32 values of flat elements ``[begin, end)``, shape ``(end - begin,)``."""
+    def _dequantize_flat(
+        self, begin: int, end: int, scales: torch.Tensor, dtype: torch.dtype = torch.float32
+    ) -> torch.Tensor:
+        """Values of flat elements ``[begin, end)`` in ``dtype``, shape ``(end - begin,)``.
+
+        Each value is ``code * absmax`` computed in float32 and rounded once
+        to ``dtype``: the product is written straight into a ``dtype`` tensor.
+        """
         bs = self.blocksize
         first_block, last_block = begin // bs, -(-end // bs)
         lo, hi = first_block * bs, min(last_block * bs, self.numel)  # whole blocks covering the range
-        byte_values = _nf4_pair_table(self.device)[self.packed[lo // 2 : (hi + 1) // 2].long()]  # (n_bytes, 2)
+        packed = self.packed[lo // 2 : (hi + 1) // 2]  # (n_bytes,)
+        # a row gather with int32 indices: on CPU about 3x faster than indexing with int64
+        byte_values = torch.nn.functional.embedding(packed.int(), _nf4_pair_table(self.device))  # (n_bytes, 2)
         values = byte_values.view(-1)[lo % 2 : lo % 2 + hi - lo]  # (hi - lo,)
         if (last_block - first_block) * bs > hi - lo:  # short tail block
             values = torch.nn.functional.pad(values, (0, (last_block - first_block) * bs - (hi - lo)))
-        values = values.view(-1, bs) * scales[first_block:last_block, None]  # (n_blocks_in_range, bs)
-        return values.view(-1)[begin - lo : end - lo]
+        blocks = values.view(-1, bs)  # (n_blocks_in_range, bs)
+        out = torch.empty(blocks.shape, dtype=dtype, device=blocks.device)
+        torch.mul(blocks, scales[first_block:last_block, None], out=out)  # float32 product, one rounding
+        return out.view(-1)[begin - lo : end - lo]
 
     def to_dict(self) -> dict[str, torch.Tensor]:
         """Flattens to a dict of tensors (e.g. for safetensors).

@@ -1,0 +1,271 @@
+"""LoRA on the frozen 4-bit linear layer (QLoRA), and turning a quantized model back into floats.
+
+    y = Linear4bit(x) + scaling · B(A(dropout(x)))      x: (..., in), A: (r, in), B: (out, r)
+
+Importing `lorakit.quant` registers `Linear4bitLora` with the dispatcher, so `get_peft_model`
+wraps a `Linear4bit` exactly as it wraps an `nn.Linear`: same factor names, shapes, init and
+file keys, hence an adapter trained on a 4-bit base is an ordinary adapter that loads on the
+float base too (and in PEFT).
+
+Merging (decided): a LoRA update is NOT merged into the 4-bit weight. Requantizing W + ΔW
+rounds it back onto the NF4 grid, whose steps (about absmax / 10 of a block) dwarf a typical
+ΔW: for a random rank-16 ΔW with |ΔW| = 1% of |W| about 2% of the update survives (27% at
+5%), so the merged model would lose most of what was trained, and unmerging could not
+restore the original codes. `merge_adapter` therefore
+raises `QuantizedMergeError` on a 4-bit layer (before any layer is changed), and
+`merge_and_unload` takes the dequantizing path of `merge_and_dequantize`: every 4-bit layer
+is dequantized, ΔW added in float32, and the result stored as a 16-bit `nn.Linear`.
+`unmerge` stays consistent trivially: nothing is ever merged into a 4-bit base.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Literal
+
+import torch
+from torch import nn
+
+from lorakit import dispatch
+from lorakit.config import LoraConfig
+from lorakit.layers import Linear, LoraLayer
+from lorakit.quant.linear4bit import Linear4bit, quantize_model
+
+if TYPE_CHECKING:
+    from lorakit.model import LoraModel
+
+__all__ = [
+    "QUANTIZE_METHODS",
+    "Linear4bitLora",
+    "QuantizedMergeError",
+    "dequantize_linear",
+    "has_quantized_layers",
+    "merge_and_dequantize",
+    "quantize_for_lora",
+]
+
+QUANTIZE_METHODS = ("nf4",)
+"""Values accepted by `get_peft_model(..., quantize=...)`."""
+
+DtypeChoice = torch.dtype | Literal["original"] | None
+
+
+class QuantizedMergeError(ValueError):
+    """An adapter cannot be merged into a 4-bit base weight (use `merge_and_unload`)."""
+
+
+MERGE_REFUSAL = (
+    "LoRA adapters are not merged into 4-bit (NF4) base weights: requantizing W + ΔW would lose most "
+    "of the update. Use merge_and_unload(), which dequantizes the base, merges in float32 and returns "
+    "a 16-bit model, or keep the adapter unmerged"
+)
+
+
+class Linear4bitLora(Linear):
+    """LoRA wrapper for a frozen `Linear4bit`: the 4-bit base plus float LoRA factors.
+
+    The factors are float32 `nn.Linear`s of shapes (r, in) and (out, r), as for a float base,
+    and the forward is `Linear`'s: it calls `base_layer(x)` and adds the LoRA path, never
+    reading a float base weight. `mergeable` is False: `LoraModel.merge_adapter` checks it on
+    every layer before merging anything.
+
+    Args:
+        base_layer: The frozen 4-bit layer.
+    """
+
+    mergeable = False
+
+    def __init__(self, base_layer: Linear4bit) -> None:
+        super().__init__(base_layer, fan_in_fan_out=False)
+
+    def _reset_factors(self, name: str, init: bool | str) -> None:
+        if init == "pissa":
+            raise ValueError("init_lora_weights='pissa' rewrites the base weight, which is 4-bit here; "
+                             "use True or 'gaussian' with a quantized base")
+        super()._reset_factors(name, init)
+
+    def merged_weight(self, names: list[str]) -> torch.Tensor:
+        """Dequantized base weight plus the adapters' ΔW, in float32 (nothing written back).
+
+        Returns:
+            Tensor of shape (out_features, in_features), float32.
+        """
+        weight = self.base_layer.dequantize(torch.float32)  # (out, in)
+        for name in names:
+            weight = weight + self.delta_weight(name)
+        return weight
+
+    def merge(self, names: list[str]) -> None:
+        """Refused for a 4-bit base (see the module docstring).
+
+        Raises:
+            QuantizedMergeError: any of `names` is not merged already (none ever is).
+        """
+        if [n for n in names if n not in self.merged_adapters]:
+            raise QuantizedMergeError(MERGE_REFUSAL)
+
+
+def _linear4bit_factory(layer: nn.Module, config: LoraConfig) -> LoraLayer:
+    return Linear4bitLora(layer)
+
+
+dispatch.register(Linear4bit, _linear4bit_factory)
+
+
+# --- quantizing a model for LoRA ---------------------------------------------------------------
+
+def quantize_for_lora(
+    model: nn.Module,
+    config: LoraConfig,
+    method: str = "nf4",
+    double_quant: bool = False,
+    compute_dtype: torch.dtype | None = None,
+    blocksize: int = 64,
+) -> nn.Module:
+    """Quantize every `nn.Linear` of `model` that LoRA training leaves frozen, in place.
+
+    Kept in float: the output head (`get_output_embeddings()`, and any layer named `lm_head`),
+    and every Linear inside a module that `config` trains in full (`modules_to_save`, the
+    classifier head of a SEQ_CLS task). The targets are checked first, so a config that
+    matches nothing raises before the model is touched.
+
+    Args:
+        model: The float model (e.g. a transformers causal LM in float32 or bf16).
+        config: The adapter's config.
+        method: Quantization format; only "nf4". Default "nf4".
+        double_quant: 8-bit quantize the NF4 scales (about 0.37 fewer bits per weight).
+            Default False.
+        compute_dtype: dtype of the 4-bit layers' matmuls; None (default) uses each input's dtype.
+        blocksize: NF4 block size. Default 64.
+
+    Returns:
+        `model` itself, modified.
+
+    Raises:
+        ValueError: an unknown `method`.
+        TargetError: the config's targets match nothing (model unchanged).
+    """
+    from lorakit.targeting import output_head_path, select_modules_to_save, select_targets
+
+    if method not in QUANTIZE_METHODS:
+        raise ValueError(f"quantize={method!r} is not supported; choose one of {QUANTIZE_METHODS}")
+    select_targets(model, config)  # raises before anything is quantized
+    kept = set(select_modules_to_save(model, config))
+    head = output_head_path(model)
+    if head:
+        kept.add(head)
+    skip = {"lm_head"} | {
+        path for path, module in model.named_modules()
+        if isinstance(module, nn.Linear) and any(path == k or path.startswith(k + ".") for k in kept)
+    }
+    return quantize_model(model, skip=skip, blocksize=blocksize, double_quant=double_quant,
+                          compute_dtype=compute_dtype)
+
+
+# --- back to floats ----------------------------------------------------------------------------
+
+def has_quantized_layers(model: nn.Module) -> bool:
+    """Whether `model` holds any `Linear4bit` (wrapped by LoRA or not)."""
+    return any(isinstance(m, Linear4bit) for m in model.modules())
+
+
+def _target_dtype(layer: Linear4bit, dtype: DtypeChoice) -> torch.dtype:
+    if dtype is None:
+        return torch.bfloat16
+    return layer.orig_dtype if dtype == "original" else dtype
+
+
+def dequantize_linear(layer: Linear4bit, dtype: DtypeChoice = None, weight: torch.Tensor | None = None,
+                      bias: torch.Tensor | None = None) -> nn.Linear:
+    """A float `nn.Linear` with the 4-bit layer's (or a given) weight and bias.
+
+    Args:
+        layer: The 4-bit layer (not modified).
+        dtype: dtype of the new layer: None (default) bfloat16, "original" the dtype the weight
+            had before quantization, or a torch dtype.
+        weight: float32 weight of shape (out_features, in_features) to use instead of the
+            dequantized one (e.g. with ΔW added). Default: `layer.dequantize()`.
+        bias: float32 bias of shape (out_features,) to use instead of the layer's.
+
+    Returns:
+        A plain `nn.Linear` on the layer's device, parameters frozen (as in an unloaded model).
+    """
+    dtype = _target_dtype(layer, dtype)
+    weight = layer.dequantize(torch.float32) if weight is None else weight  # (out, in)
+    if bias is None and layer.bias is not None:
+        bias = layer.bias.detach().float()
+    linear = nn.Linear(layer.in_features, layer.out_features, bias=bias is not None, device="meta", dtype=dtype)
+    linear.weight = nn.Parameter(weight.to(dtype), requires_grad=False)
+    if bias is not None:
+        linear.bias = nn.Parameter(bias.to(dtype), requires_grad=False)
+    return linear
+
+
+def _merged_bias(layer: Linear4bitLora, names: list[str]) -> torch.Tensor | None:
+    """float32 base bias plus the scaled lora_B biases of `names`, shape (out,), or None."""
+    base = layer.base_layer.bias
+    bias = None if base is None else base.detach().float()
+    for name in names:
+        spec = layer.adapters[name]
+        if spec.lora_bias:
+            if bias is None:
+                raise ValueError(f"adapter {name!r} has lora_bias but the base layer has no bias to merge into")
+            bias = bias + spec.scaling * layer.lora_B[name].bias.detach().float()
+    return bias
+
+
+def merge_and_dequantize(lora_model: LoraModel, adapter_names: list[str] | None = None, safe_merge: bool = False,
+                         dtype: DtypeChoice = None) -> nn.Module:
+    """`merge_and_unload` for a model with 4-bit layers: a plain float model, no 4-bit layer left.
+
+    Every 4-bit layer is dequantized; where it carries adapters their ΔW (and lora_B bias) is
+    added in float32; the result becomes an `nn.Linear` of `dtype`. Float LoRA layers merge as
+    usual. All new weights are computed (and with `safe_merge` checked) before the model is
+    changed, so an error leaves it as it was.
+
+    Args:
+        lora_model: The LoraModel (modified: it is unloaded).
+        adapter_names: Adapters to merge. Default: the active one.
+        safe_merge: Check every merged weight for NaN/inf first.
+        dtype: None (default): the whole model is cast to bfloat16. "original": each dequantized
+            layer gets the dtype its weight had before quantization and the other tensors
+            keep theirs. A torch dtype: the whole model is cast to it.
+
+    Returns:
+        The plain model (`lora_model.model`), with `nn.Linear` layers.
+
+    Raises:
+        KeyError: an unknown adapter name.
+        ValueError: with safe_merge, a merged weight would hold NaN or inf (nothing changed).
+    """
+    names = adapter_names or [lora_model.active_adapter]
+    for name in names:
+        lora_model._check_exists(name)
+    model = lora_model.model
+    replacements: dict[str, nn.Linear] = {}
+    float_layers: list[tuple[str, LoraLayer]] = []
+    for path, module in model.named_modules():
+        if path.endswith(".base_layer") and isinstance(model.get_submodule(path[: -len(".base_layer")]), LoraLayer):
+            continue  # handled with its wrapper
+        if isinstance(module, Linear4bitLora):
+            present = [n for n in names if n in module.adapters]
+            weight = module.merged_weight(present)  # (out, in) float32
+            if safe_merge and not torch.isfinite(weight).all():
+                raise ValueError(f"safe_merge: merging {present} into {path} gives NaN or inf; nothing was merged")
+            replacements[path] = dequantize_linear(module.base_layer, dtype, weight, _merged_bias(module, present))
+        elif isinstance(module, Linear4bit):
+            replacements[path] = dequantize_linear(module, dtype)
+        elif isinstance(module, LoraLayer):
+            float_layers.append((path, module))
+    if safe_merge:
+        for path, layer in float_layers:
+            present = [n for n in names if n in layer.adapters and n not in layer.merged_adapters]
+            if present and not torch.isfinite(layer.merged_weight(present)).all():
+                raise ValueError(f"safe_merge: merging {present} into {path} gives NaN or inf; nothing was merged")
+    for _, layer in float_layers:
+        layer.merge([n for n in names if n in layer.adapters])
+    for path, linear in replacements.items():
+        lora_model._replace(path, linear)
+    model = lora_model.unload()
+    if dtype != "original":
+        model.to(torch.bfloat16 if dtype is None else dtype)
+    return model
