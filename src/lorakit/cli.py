@@ -26,6 +26,8 @@ COMMANDS: dict[str, str] = {
     "demo": "lorakit.demo:demo",
     "train": "lorakit.train.loop:train",
     "generate": "lorakit.generate:generate",
+    "serve": "lorakit.serve.app:serve",
+    "merge": "lorakit.export:merge",
 }
 
 
@@ -73,7 +75,11 @@ def _list_parser(item_type: type) -> Callable[[str], list[Any]]:
 
 
 def add_arguments(parser: argparse.ArgumentParser, fn: Callable[..., Any]) -> None:
-    """Add one flag per parameter of `fn` (positional for parameters without a default)."""
+    """Add one flag per parameter of `fn`.
+
+    Positional-or-keyword parameters without a default become positional arguments;
+    keyword-only ones (after `*`) without a default become required `--flags`.
+    """
     hints = typing.get_type_hints(fn)
     _, helps = docstring_args(fn)
     for name, param in inspect.signature(fn).parameters.items():
@@ -93,10 +99,10 @@ def add_arguments(parser: argparse.ArgumentParser, fn: Callable[..., Any]) -> No
             kwargs["type"] = _list_parser(item)
         elif annotation in (int, float, str):
             kwargs["type"] = annotation
-        if required:
+        if required and param.kind is not inspect.Parameter.KEYWORD_ONLY:
             parser.add_argument(name, **kwargs)
-        else:
-            parser.add_argument("--" + name.replace("_", "-"), dest=name, **kwargs)
+        else:  # keyword-only parameters without a default become required flags
+            parser.add_argument("--" + name.replace("_", "-"), dest=name, required=required, **kwargs)
 
 
 def command_parser(name: str) -> argparse.ArgumentParser:
@@ -116,7 +122,9 @@ def parse(name: str, argv: list[str]) -> dict[str, Any]:
         SystemExit: bad flags or an unknown key in the YAML file (argparse's exit code 2).
     """
     parser = command_parser(name)
-    first, _ = parser.parse_known_args(argv)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", dest="_config_file")
+    first, _ = pre.parse_known_args(argv)
     if first._config_file:
         import yaml
 
@@ -129,9 +137,11 @@ def parse(name: str, argv: list[str]) -> dict[str, Any]:
         unknown = sorted(set(values) - known)
         if unknown:
             parser.error(f"{first._config_file}: unknown keys {unknown}")
-        for action in parser._actions:  # a positional given in the file is no longer required
-            if action.dest in values and not action.option_strings:
-                action.nargs = "?"
+        for action in parser._actions:  # an argument given in the file is no longer required
+            if action.dest in values:
+                action.required = False
+                if not action.option_strings:
+                    action.nargs = "?"
         parser.set_defaults(**values)
     args = vars(parser.parse_args(argv))
     args.pop("_config_file")
