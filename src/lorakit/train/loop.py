@@ -189,6 +189,8 @@ def train(
     grad_clip: float = 1.0,
     gradient_checkpointing: bool = False,
     precision: Literal["fp32", "bf16"] = "fp32",
+    quantize: Literal["none", "nf4"] = "none",
+    double_quant: bool = False,
     seed: int = 0,
     log_every: int = 1,
     eval_every: int = 0,
@@ -221,6 +223,8 @@ def train(
         grad_clip: Clip the gradient norm to this value; 0 disables.
         gradient_checkpointing: Recompute activations in backward to save memory (sets use_cache=False).
         precision: fp32, or bf16 autocast.
+        quantize: nf4 stores every Linear except the output head in 4 bits (QLoRA).
+        double_quant: With --quantize nf4, also quantize the 4-bit scales (about 0.37 bit/weight less).
         seed: Seed for data order, initialisation and dropout.
         log_every: Write a metrics line every N steps.
         eval_every: Validation loss every N steps (0: only at the end).
@@ -249,7 +253,8 @@ def train(
         targets = targets[0]
     config = LoraConfig(r=r, lora_alpha=lora_alpha, target_modules=targets, lora_dropout=lora_dropout,
                         use_rslora=use_rslora, task_type="CAUSAL_LM")
-    peft_model = get_peft_model(base, config)
+    peft_model = get_peft_model(base, config, quantize=None if quantize == "none" else quantize,
+                                double_quant=double_quant)
     if gradient_checkpointing:
         enable_gradient_checkpointing(base)
     peft_model.train()

@@ -75,6 +75,16 @@ def test_gradient_checkpointing_and_bf16_run(setup, tmp_path):
     assert summary["steps"] == 3 and all(torch.isfinite(t).all() for t in adapter_tensors(tmp_path).values())
 
 
+def test_qlora_training_lowers_the_loss_and_saves_an_ordinary_adapter(setup, tmp_path):
+    run(setup, tmp_path, max_steps=20, quantize="nf4", double_quant=True, gradient_checkpointing=True)
+    losses = [json.loads(x)["loss"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert sum(losses[-3:]) < 0.9 * sum(losses[:3])
+    model, _ = setup
+    from transformers import AutoModelForCausalLM
+
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model), str(tmp_path / "adapter"))  # float base
+
+
 def test_checkpoint_resume_equals_uninterrupted(setup, tmp_path):
     reference = run(setup, tmp_path / "ref", max_steps=40, lora_dropout=0.1)
     assert reference["steps"] == 40
