@@ -28,6 +28,9 @@ COMMANDS: dict[str, str] = {
     "generate": "lorakit.generate:generate",
     "serve": "lorakit.serve.app:serve",
     "merge": "lorakit.export:merge",
+    "memory": "lorakit.memory:memory",
+    "inspect": "lorakit.analysis:inspect_adapter",
+    "extract": "lorakit.analysis:extract",
 }
 
 
