@@ -25,6 +25,7 @@ from typing import Any, Literal
 COMMANDS: dict[str, str] = {
     "demo": "lorakit.demo:demo",
     "train": "lorakit.train.loop:train",
+    "sweep": "lorakit.train.sweep:sweep",
     "generate": "lorakit.generate:generate",
     "serve": "lorakit.serve.app:serve",
     "merge": "lorakit.export:merge",
@@ -77,15 +78,20 @@ def _list_parser(item_type: type) -> Callable[[str], list[Any]]:
     return parse
 
 
-def add_arguments(parser: argparse.ArgumentParser, fn: Callable[..., Any]) -> None:
+def add_arguments(parser: argparse.ArgumentParser, fn: Callable[..., Any], skip: tuple[str, ...] = ()) -> None:
     """Add one flag per parameter of `fn`.
 
     Positional-or-keyword parameters without a default become positional arguments;
-    keyword-only ones (after `*`) without a default become required `--flags`.
+    keyword-only ones (after `*`) without a default become required `--flags`. A function
+    with `**kwargs` and an `extends` attribute (another command function) also gets that
+    function's flags, except its own and those named in `extends_exclude`.
     """
     hints = typing.get_type_hints(fn)
     _, helps = docstring_args(fn)
-    for name, param in inspect.signature(fn).parameters.items():
+    params = inspect.signature(fn).parameters
+    for name, param in params.items():
+        if name in skip or param.kind in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL):
+            continue
         annotation = _unwrap_optional(hints.get(name, str))
         required = param.default is inspect.Parameter.empty
         kwargs: dict[str, Any] = {"help": helps.get(name, "")}
@@ -106,6 +112,10 @@ def add_arguments(parser: argparse.ArgumentParser, fn: Callable[..., Any]) -> No
             parser.add_argument(name, **kwargs)
         else:  # keyword-only parameters without a default become required flags
             parser.add_argument("--" + name.replace("_", "-"), dest=name, required=required, **kwargs)
+    base = getattr(fn, "extends", None)
+    if base is not None:
+        own = tuple(n for n in params if params[n].kind is not inspect.Parameter.VAR_KEYWORD)
+        add_arguments(parser, base, skip=skip + own + tuple(getattr(fn, "extends_exclude", ())))
 
 
 def command_parser(name: str) -> argparse.ArgumentParser:

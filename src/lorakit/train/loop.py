@@ -296,6 +296,8 @@ def train(
 
     bar = tqdm(total=total_steps, initial=start, disable=quiet or not ctx.main, unit="step", dynamic_ncols=True)
     t0, tokens_seen, last_loss, val_loss = time.perf_counter(), 0, float("nan"), None
+    val_losses: list[float] = []
+    eval_seconds = 0.0
     for step, indices in enumerate(global_batches(len(train_set), global_batch, seed, start, total_steps), start):
         mine = indices[ctx.rank::ctx.world]  # this rank's share, split into micro-batches
         micro = [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
@@ -330,13 +332,18 @@ def train(
                 metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
         if eval_every and done % eval_every == 0 and done != total_steps and val_set:
+            t_eval = time.perf_counter()
             val_loss = evaluate(peft_model, val_set, batch_size, pad_id, ctx, autocast)
+            eval_seconds += time.perf_counter() - t_eval
+            val_losses.append(val_loss)
             _log_eval(metrics, bar, done, val_loss)
         if save_every and done % save_every == 0 and ctx.main:
             save_checkpoint(out_dir, done, peft_model, optimizer, scheduler)
     bar.close()
+    train_seconds = time.perf_counter() - t0 - eval_seconds
     if val_set:
         val_loss = evaluate(peft_model, val_set, batch_size, pad_id, ctx, autocast)
+        val_losses.append(val_loss)
         _log_eval(metrics, None, total_steps, val_loss)
     adapter_path = out_dir / "adapter"
     if ctx.main:
@@ -344,7 +351,10 @@ def train(
         metrics.close()
     if ctx.world > 1:
         dist.barrier()
+    trainable, _ = peft_model.get_nb_trainable_parameters()
     summary = {"steps": total_steps, "train_loss": last_loss, "val_loss": val_loss,
+               "best_val_loss": min(val_losses) if val_losses else None, "trainable_params": trainable,
+               "seconds_per_step": train_seconds / max(1, total_steps - start),
                "seconds": time.perf_counter() - t0, "adapter": str(adapter_path)}
     if ctx.main and not quiet:
         print(json.dumps(summary))
