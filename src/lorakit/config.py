@@ -15,7 +15,8 @@ from typing import Any
 
 PEFT_TYPE = "LORA"
 BIAS_MODES = ("none", "all", "lora_only")
-INIT_MODES = (True, False, "gaussian", "pissa")
+INIT_MODES = (True, False, "gaussian", "pissa", "olora")  # and "pissa_niter_<K>" (K >= 1)
+_PISSA_NITER = re.compile(r"pissa_niter_[1-9][0-9]*")
 TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS", "SEQ_2_SEQ_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
 
 # Fields PEFT writes whose default value means "feature off"; a file may carry them harmlessly.
@@ -71,15 +72,22 @@ class LoraConfig:
         use_dora: Weight-decomposed LoRA. Not implemented yet: refused.
         init_lora_weights: True (kaiming-uniform A, zero B: the adapted model starts equal to
             the base), "gaussian" (A normal with std 1/r, zero B), False (both random;
-            for tests) or "pissa" (A, B from the top-r singular vectors of W).
-        layers_to_transform: Layer indices (or one index) to adapt; others are left alone.
+            for tests), "pissa" (A, B from the top-r singular triplets of W),
+            "pissa_niter_K" (the same from a randomised SVD with K iterations) or "olora"
+            (A, B from the QR decomposition of W). The last three also replace W by the
+            residual W - scaling·B·A (linear layers only; see `lorakit.layers.init` and, for
+            using the trained adapter on the original base, `lorakit.convert`).
+        layers_to_transform: Layer indices (or one index) to adapt; others are left alone. As in
+            PEFT, an empty list adapts every layer and a full module path in target_modules is
+            adapted whatever its layer.
         layers_pattern: Name of the module list holding the layers (e.g. "layers", "h"),
             used to find a module's layer index. None: the first numbered path segment.
         rank_pattern: {regex: r} overriding `r` for modules whose path ends with a match.
         alpha_pattern: {regex: alpha} overriding `lora_alpha` likewise.
         modules_to_save: Modules (by name, like `target_modules`) trained in full and saved
             with the adapter, e.g. a classifier head.
-        lora_bias: Give lora_B a bias (merged into the base bias).
+        lora_bias: Give lora_B a bias (merged into the base bias). Only with
+            init_lora_weights True or False, as in PEFT.
         task_type: PEFT's task label, e.g. "CAUSAL_LM" or "SEQ_CLS".
         base_model_name_or_path: The base model the adapter was trained on.
         inference_mode: True when the adapter was saved or loaded for inference only.
@@ -134,12 +142,14 @@ class LoraConfig:
             raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
         if self.bias not in BIAS_MODES:
             raise ConfigError(f"bias must be one of {', '.join(map(repr, BIAS_MODES))}, got {self.bias!r}")
-        if self.init_lora_weights not in INIT_MODES or isinstance(self.init_lora_weights, int) and not isinstance(
-            self.init_lora_weights, bool
-        ):
+        if not valid_init(self.init_lora_weights):
             raise ConfigError(
-                f"init_lora_weights must be one of {INIT_MODES}, got {self.init_lora_weights!r}"
+                f"init_lora_weights must be one of {INIT_MODES} or 'pissa_niter_K' (K >= 1), "
+                f"got {self.init_lora_weights!r}"
             )
+        if self.lora_bias and self.init_lora_weights not in (True, False):
+            raise ConfigError(f"lora_bias=True needs init_lora_weights True or False (as in PEFT), "
+                              f"got {self.init_lora_weights!r}")
         if self.use_dora:
             raise ConfigError("use_dora=True (DoRA) is not supported by this version of lorakit")
         for name in ("target_modules", "exclude_modules"):
@@ -213,14 +223,23 @@ class LoraConfig:
                 unknown.append(key)
         if unknown:
             warnings.warn(f"adapter config: ignoring unknown fields {sorted(unknown)}", stacklevel=2)
-        if kwargs.get("init_lora_weights") not in INIT_MODES and "init_lora_weights" in kwargs:
+        if "init_lora_weights" in kwargs and not valid_init(kwargs["init_lora_weights"]):
             # A loaded adapter's init mode does not matter (weights come from the file), except
-            # for modes that change the base; PEFT writes e.g. "olora" or "eva" here.
+            # for modes that change the base ("pissa", "olora": rerun on load, as PEFT does, so
+            # the base becomes the residual again); PEFT writes e.g. "corda" or "eva" here.
             raise ConfigError(f"adapter config: init_lora_weights={kwargs['init_lora_weights']!r} is not supported")
         try:
             return cls(**kwargs)
         except TypeError as err:  # a field of the wrong type that dataclass itself rejects
             raise ConfigError(f"adapter config: {err}") from err
+
+
+def valid_init(value: Any) -> bool:
+    """Whether `value` is an `init_lora_weights` lorakit implements (True, False, a name of
+    INIT_MODES, or "pissa_niter_K" with K >= 1; not 0 or 1 standing in for a bool)."""
+    if isinstance(value, bool):
+        return True
+    return isinstance(value, str) and (value in INIT_MODES or _PISSA_NITER.fullmatch(value) is not None)
 
 
 def pattern_key(patterns: dict[str, Any], module_path: str) -> str | None:

@@ -120,16 +120,33 @@ def save_adapter(lora_model: LoraModel, save_directory: str | os.PathLike, adapt
     Raises:
         ValueError: the adapter holds NaN or inf (nothing is written).
     """
-    tensors = adapter_tensors(lora_model, adapter_name)
+    out = adapter_dir(save_directory, adapter_name)
+    write_adapter(out, lora_model.peft_config[adapter_name], adapter_tensors(lora_model, adapter_name),
+                  what=f"adapter {adapter_name!r}")
+    return out
+
+
+def write_adapter(directory: str | os.PathLike, config: LoraConfig, tensors: dict[str, torch.Tensor],
+                  what: str = "adapter") -> None:
+    """Write a config (with inference_mode=True) and file-keyed tensors as an adapter folder.
+
+    Args:
+        directory: The adapter folder (created if missing).
+        config: Its config.
+        tensors: File key -> tensor (on CPU, contiguous).
+        what: How error messages name the adapter.
+
+    Raises:
+        ValueError: a tensor holds NaN or inf (nothing is written).
+    """
     bad = [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
     if bad:
-        raise ValueError(f"adapter {adapter_name!r} holds NaN or inf in {bad[:5]}; not saving it")
-    config = lora_model.peft_config[adapter_name].to_dict()
-    config["inference_mode"] = True
-    out = adapter_dir(save_directory, adapter_name)
+        raise ValueError(f"{what} holds NaN or inf in {bad[:5]}; not saving it")
+    data = config.to_dict()
+    data["inference_mode"] = True
+    out = Path(directory)
     atomic_write(out / WEIGHTS_NAME, safetensors_bytes(tensors, metadata={"format": "pt"}))
-    atomic_write(out / CONFIG_NAME, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
-    return out
+    atomic_write(out / CONFIG_NAME, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
 
 
 # --- reading -------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from torch import nn
 from . import dispatch, io
 from .config import LoraConfig
 from .layers import BASE_ADAPTER, AdapterRouting, AdapterSpec, LoraLayer, ModulesToSave
+from .layers import init as weight_init
 from .targeting import select_modules_to_save, select_targets
 _ADAPTER_NAME = re.compile(r"[A-Za-z0-9_\-]+")
 
@@ -86,7 +87,9 @@ class LoraModel(nn.Module):
         """Inject a new adapter (not made active). On any error the model is left as it was.
 
         Raises:
-            ValueError: the name is invalid or taken.
+            ValueError: the name is invalid or taken; or init_lora_weights is "pissa"/"olora" and
+                a target is not a float linear layer of at least rank r (checked on every target
+                before any base weight is rewritten).
             TargetError: the config's targets match nothing in the model.
             TypeError: a target is a layer type LoRA cannot wrap.
         """
@@ -99,6 +102,7 @@ class LoraModel(nn.Module):
         targets = select_targets(self.model, config)
         saved = select_modules_to_save(self.model, config)
         try:
+            planned = []
             for path in targets:
                 layer = self.model.get_submodule(path)
                 if not isinstance(layer, LoraLayer):
@@ -106,6 +110,15 @@ class LoraModel(nn.Module):
                     self._replace(path, layer)
                 spec = AdapterSpec(r=config.rank_for(path), alpha=config.alpha_for(path), dropout=config.lora_dropout,
                                    use_rslora=config.use_rslora, lora_bias=config.lora_bias)
+                planned.append((path, layer, spec))
+            if weight_init.rewrites_base_weight(config.init_lora_weights):
+                # PiSSA/OLoRA rewrite base weights, which a rollback cannot undo: check every layer first
+                for path, layer, spec in planned:
+                    try:
+                        weight_init.check_layer(layer, spec, config.init_lora_weights)
+                    except ValueError as err:
+                        raise ValueError(f"{path}: {err}") from None
+            for path, layer, spec in planned:
                 layer.add_adapter(adapter_name, spec, init=config.init_lora_weights)
                 layer.train(layer.base_layer.training)  # new modules follow the model's train/eval mode
             for path in saved:
@@ -148,6 +161,20 @@ class LoraModel(nn.Module):
     def _check_exists(self, adapter_name: str) -> None:
         if adapter_name not in self.peft_config:
             raise KeyError(f"no adapter named {adapter_name!r}; adapters: {sorted(self.peft_config)}")
+
+    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
+                             combination_type: str = "svd", svd_rank: int | None = None,
+                             svd_clamp: float | None = None, density: float | None = None) -> None:
+        """Add adapter `adapter_name` combining `adapters` with `weights` (PEFT's method and maths).
+
+        "cat" (rank = sum of the ranks) gives exactly ΔW = Σ w_i ΔW_i; "svd" its best rank-`svd_rank`
+        approximation; "linear" (equal ranks only) sums the factors themselves, a rough
+        approximation. See `lorakit.combine.add_weighted_adapter` for the maths, arguments and errors.
+        """
+        from .combine import add_weighted_adapter
+
+        add_weighted_adapter(self, adapters, weights, adapter_name, combination_type=combination_type,
+                             svd_rank=svd_rank, svd_clamp=svd_clamp, density=density)
 
     # --- which adapter runs, which parameters train --------------------------------------------
 
@@ -316,8 +343,8 @@ class PeftModel(nn.Module):
     """The model users hold: a `LoraModel` plus files, counting and generation.
 
     Methods of `LoraModel` (merge_adapter, unmerge_adapter, merge_and_unload, unload,
-    disable_adapter, set_adapter, delete_adapter, lora_layers) and attributes of the user's
-    model (config, ...) are reached through this object too.
+    disable_adapter, set_adapter, delete_adapter, add_weighted_adapter, lora_layers) and
+    attributes of the user's model (config, ...) are reached through this object too.
 
     Args:
         model: The base model.
@@ -398,17 +425,42 @@ class PeftModel(nn.Module):
 
     # --- files -----------------------------------------------------------------------------------
 
-    def save_pretrained(self, save_directory: str, selected_adapters: list[str] | None = None) -> None:
+    def save_pretrained(self, save_directory: str, selected_adapters: list[str] | None = None,
+                        path_initial_model_for_weight_conversion: str | None = None) -> None:
         """Write each adapter as PEFT does: "default" in `save_directory`, others in a subfolder.
 
         Each file is written to a temporary name and renamed, so a crash leaves either the old
         file or the new one.
+
+        Args:
+            save_directory: Folder to write into (created if missing).
+            selected_adapters: Adapters to write. Default: all.
+            path_initial_model_for_weight_conversion: For an adapter trained from a PiSSA/OLoRA
+                init: the folder where that adapter was saved right after `get_peft_model`, before
+                training. Each selected adapter is then written converted to a plain LoRA adapter
+                for the ORIGINAL base (rank 2r: A' = [A; A0], B' = [B, -B0], PEFT's conversion; see
+                `lorakit.convert`). The initial folder is only read (PEFT also rewrites its config).
+
+        Raises:
+            KeyError: an unknown adapter name.
+            ValueError: an adapter holds NaN or inf (nothing written for it).
+            AdapterLoadError, ConversionError: with path_initial_model_for_weight_conversion, the
+                initial adapter is unreadable or does not match the trained one.
         """
         names = selected_adapters or list(self.peft_config)
         for name in names:
             self.base_model._check_exists(name)
+        if path_initial_model_for_weight_conversion is None:
+            for name in names:
+                io.save_adapter(self.base_model, save_directory, name)
+            return
+        from .convert import converted_adapter
+
+        initial = io.read_adapter(path_initial_model_for_weight_conversion)
         for name in names:
-            io.save_adapter(self.base_model, save_directory, name)
+            config, tensors = converted_adapter(self.peft_config[name], io.adapter_tensors(self.base_model, name),
+                                                *initial, source=str(path_initial_model_for_weight_conversion))
+            io.write_adapter(io.adapter_dir(save_directory, name), config, tensors, what=f"adapter {name!r}")
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: str, adapter_name: str = "default",

@@ -7,7 +7,8 @@ Rules (PEFT's, so a config selects the same modules here and there):
 - `exclude_modules` removes matches (same rules); modules listed in `modules_to_save` are
   never adapted.
 - `layers_to_transform` keeps only modules whose layer index (the number after
-  `layers_pattern`, or the first numbered path segment) is listed.
+  `layers_pattern`, or the first numbered path segment) is listed; an empty list keeps all,
+  and a module whose full path is listed in `target_modules` is kept whatever its layer.
 - None picks the architecture's default from `DEFAULT_TARGET_MODULES`.
 """
 
@@ -132,8 +133,9 @@ def select_targets(model: nn.Module, config: LoraConfig) -> list[str]:
         if config.modules_to_save and any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", path)
                                           for m in config.modules_to_save):
             continue
-        if config.layers_to_transform is not None:
-            wanted = config.layers_to_transform
+        wanted = config.layers_to_transform
+        # As PEFT: an empty list means every layer, and a module named by its full path is not filtered.
+        if wanted not in (None, []) and not (isinstance(targets, list) and path in targets):
             wanted = [wanted] if isinstance(wanted, int) else wanted
             if layer_index(path, config.layers_pattern) not in wanted:
                 continue

@@ -91,14 +91,33 @@ class LoraLayer(nn.Module):
         return self.base_layer.weight
 
     def add_adapter(self, name: str, spec: AdapterSpec, init: bool | str = True) -> None:
-        """Create adapter `name`'s factors (float32 unless the base is float64) and initialise them."""
+        """Create adapter `name`'s factors (float32 unless the base is float64) and initialise them.
+
+        `init` is `LoraConfig.init_lora_weights`. The inits taken from the base weight ("pissa",
+        "pissa_niter_K", "olora") run in `layers.init` and also replace the base weight by the
+        residual; the others are the layer type's `_reset_factors`. On the meta device nothing
+        is initialised.
+
+        Raises:
+            ValueError: the name exists in this layer, or a weight-derived init does not apply
+                to this layer (see `layers.init.check_layer`; nothing is changed then).
+        """
+        from . import init as weight_init
+
         if name in self.adapters:
             raise ValueError(f"adapter {name!r} already exists in this layer")
         weight = self.base_weight
         dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        from_weight = weight_init.rewrites_base_weight(init)
+        if from_weight:
+            weight_init.check_layer(self, spec, init)
         self.adapters[name] = spec
         self._create_factors(name, spec, weight.device, dtype)
-        if weight.device.type != "meta":
+        if weight.device.type == "meta":
+            return
+        if from_weight:
+            weight_init.init_from_weight(self, name, init)
+        else:
             self._reset_factors(name, init)
 
     def delete_adapter(self, name: str) -> None:
