@@ -81,6 +81,16 @@ def enable_gradient_checkpointing(model) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
+def param_groups(model, lr: float, loraplus_ratio: float = 0.0) -> list[dict[str, Any]]:
+    """Optimizer groups: every trainable parameter at `lr`, or with LoRA+ the B factors at lr * ratio."""
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not loraplus_ratio:
+        return [{"params": [p for _, p in trainable], "lr": lr}]
+    is_b = lambda name: ".lora_B." in name or ".lora_embedding_B." in name  # noqa: E731
+    return [{"params": [p for n, p in trainable if not is_b(n)], "lr": lr},
+            {"params": [p for n, p in trainable if is_b(n)], "lr": lr * loraplus_ratio}]
+
+
 # --- schedule -----------------------------------------------------------------------------------
 
 def lr_lambda(warmup_steps: int, total_steps: int):
@@ -183,6 +193,7 @@ def train(
     batch_size: int = 8,
     grad_accum: int = 1,
     lr: float = 2e-4,
+    loraplus_ratio: float = 0.0,
     warmup_steps: int = 0,
     weight_decay: float = 0.0,
     max_seq_len: int = 512,
@@ -217,6 +228,7 @@ def train(
         batch_size: Examples per micro-batch per process.
         grad_accum: Micro-batches per optimizer step.
         lr: Peak learning rate.
+        loraplus_ratio: LoRA+: lora_B (and lora_embedding_B) train with lr times this ratio (e.g. 16); 0 is off.
         warmup_steps: Steps of linear warm-up before cosine decay to 0.
         weight_decay: AdamW weight decay.
         max_seq_len: Longer examples are truncated to this many tokens.
@@ -263,7 +275,7 @@ def train(
     steps_per_epoch = max(1, len(train_set) // global_batch)
     total_steps = max_steps or epochs * steps_per_epoch
     params = [p for p in peft_model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    optimizer = torch.optim.AdamW(param_groups(peft_model, lr, loraplus_ratio), lr=lr, weight_decay=weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(warmup_steps, total_steps))
     net = peft_model
     if ctx.world > 1:

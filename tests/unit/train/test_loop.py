@@ -63,6 +63,22 @@ def test_lr_schedule_warmup_then_cosine():
     assert f(4) == 1.0 and f(8) == pytest.approx(0.5) and f(12) == pytest.approx(0.0)
 
 
+def test_loraplus_gives_b_a_larger_learning_rate():
+    from lorakit import LoraConfig, get_peft_model
+    from lorakit.train.loop import param_groups
+
+    from conftest import tiny_llama
+
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "embed_tokens"]))
+    plain = param_groups(model, 1e-3)
+    assert len(plain) == 1 and plain[0]["lr"] == 1e-3
+    groups = param_groups(model, 1e-3, loraplus_ratio=16)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert groups[1]["lr"] == pytest.approx(16e-3)
+    assert all(".lora_B." in names[id(p)] or "lora_embedding_B" in names[id(p)] for p in groups[1]["params"])
+    assert all(".lora_A." in names[id(p)] or "lora_embedding_A" in names[id(p)] for p in groups[0]["params"])
+
+
 def test_global_batches_cover_each_epoch_once():
     batches = list(global_batches(10, 5, seed=3, start_step=0, total_steps=4))
     assert sorted(batches[0] + batches[1]) == list(range(10))
