@@ -6,6 +6,12 @@ GPT-2's Conv1D stores its weight as (in, out) (`fan_in_fan_out`); its factors ha
 shapes as for nn.Linear and only ΔW is transposed when merging. A base layer that is not an
 nn.Linear (e.g. the 4-bit layer) works too if it has `in_features`, `out_features` and either
 a `weight` or a `merge_delta(delta)` method.
+
+The forward runs the update through `autograd.lora_linear` (a hand-written autograd Function
+that keeps no activation of its own, see autograd.py) unless the plain path is selected
+(`autograd.set_lora_path("plain")` or LORAKIT_LORA_PATH=plain), in which case it is
+`base(x) + lora_delta(x)` in plain autograd ops: the reference both paths are tested against.
+Merged, disabled, mixed-adapter (routing) and autocast forwards take the plain path.
 """
 
 from __future__ import annotations
@@ -15,7 +21,8 @@ import math
 import torch
 from torch import nn
 
-from .base import AdapterSpec, LoraLayer, dropout
+from . import autograd
+from .base import AdapterSpec, LoraLayer
 
 
 def linear_shape(layer: nn.Module) -> tuple[int, int, bool]:
@@ -25,6 +32,18 @@ def linear_shape(layer: nn.Module) -> tuple[int, int, bool]:
     # transformers' Conv1D: weight (in, out), attribute nf = out
     in_features, out_features = layer.weight.shape
     return in_features, out_features, True
+
+
+def _plain_frozen_linear(layer: nn.Module) -> bool:
+    """True for an nn.Linear (not a subclass) with a frozen weight and no hooks or patched forward,
+    whose product `autograd.lora_linear` may therefore run itself."""
+    from torch.nn.modules import module as torch_module
+
+    return (type(layer) is nn.Linear and not layer.weight.requires_grad and "forward" not in layer.__dict__
+            and not (layer._forward_hooks or layer._forward_pre_hooks or layer._backward_hooks
+                     or layer._backward_pre_hooks or torch_module._global_forward_hooks
+                     or torch_module._global_forward_pre_hooks or torch_module._global_backward_hooks
+                     or torch_module._global_backward_pre_hooks))
 
 
 class Linear(LoraLayer):
@@ -58,10 +77,38 @@ class Linear(LoraLayer):
         if b.bias is not None:
             nn.init.zeros_(b.bias)
 
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """base(x) plus each active adapter's update; see the module docstring for the two paths."""
+        if (self.disabled or self.merged_adapters or self.routing is not None or not self.active_adapters
+                or autograd.get_lora_path() == "plain" or torch.is_autocast_enabled(x.device.type)):
+            return super().forward(x, *args, **kwargs)  # (under autocast too: its casts are per op)
+        base, names = self.base_layer, self.active_adapters
+        # A frozen, hook-free nn.Linear's product runs inside the Function of the first adapter.
+        owned = not args and not kwargs and _plain_frozen_linear(base)
+        result = None if owned else base(x, *args, **kwargs)  # (..., out)
+        for i, name in enumerate(names):
+            spec = self.adapters[name]
+            a, b = self.lora_A[name], self.lora_B[name]
+            p = spec.dropout if self.training else 0.0
+            seed = autograd.draw_seed() if p > 0 else None
+            if owned and i == 0:
+                result = autograd.lora_linear(None, x, a.weight, b.weight, b.bias, spec.scaling, p, seed,
+                                              weight=base.weight, bias=base.bias)
+            else:
+                result = autograd.lora_linear(result, x, a.weight, b.weight, b.bias, spec.scaling, p, seed)
+        return result
+
     def lora_delta(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """The LoRA path's output for adapter `name` (dropout included), already scaled, in plain ops.
+
+        Dropout draws its positions from `autograd.draw_seed()`, as the Function path does, so
+        both paths drop the same elements after the same `torch.manual_seed`.
+        """
         spec = self.adapters[name]
         a, b = self.lora_A[name], self.lora_B[name]
-        x = dropout(x.to(a.weight.dtype), spec.dropout, self.training)  # (..., in)
+        x = x.to(a.weight.dtype)  # (..., in)
+        if spec.dropout > 0 and self.training:
+            x = autograd.seeded_dropout(x, spec.dropout, autograd.draw_seed())
         return b(a(x)) * spec.scaling  # (..., r) -> (..., out)
 
     def delta_weight(self, name: str) -> torch.Tensor:
