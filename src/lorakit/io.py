@@ -51,8 +51,11 @@ def adapter_dir(save_directory: str | os.PathLike, adapter_name: str) -> Path:
     return root if adapter_name == DEFAULT_ADAPTER else root / adapter_name
 
 
-def key_map(lora_model: LoraModel, adapter_name: str) -> tuple[dict[str, str], dict[str, str]]:
+def key_map(lora_model: LoraModel, adapter_name: str,
+            state: dict[str, torch.Tensor] | None = None) -> tuple[dict[str, str], dict[str, str]]:
     """File keys of an adapter, mapped to model state keys.
+
+    `state` is the model's `state_dict(keep_vars=True)` if the caller has it already.
 
     Returns:
         (required, optional): `required` holds the adapter's own tensors (LoRA factors and
@@ -66,11 +69,11 @@ def key_map(lora_model: LoraModel, adapter_name: str) -> tuple[dict[str, str], d
         re.compile(rf"^(.*)\.modules_to_save\.{name}(\..*)$"),            # head.modules_to_save.<n>.weight
     ]
     config = lora_model.peft_config[adapter_name]
-    adapted = {path for path, layer in lora_model.lora_layers() if adapter_name in layer.adapters}
-    embeddings = {path for path, layer in lora_model.lora_layers()
-                  if adapter_name in layer.adapters and "lora_embedding_A" in layer.factor_names}
+    layers = [(path, layer) for path, layer in lora_model.lora_layers() if adapter_name in layer.adapters]
+    adapted = {path for path, _ in layers}
+    embeddings = {path for path, layer in layers if "lora_embedding_A" in layer.factor_names}
     required, optional = {}, {}
-    for state_key in lora_model.model.state_dict(keep_vars=True):
+    for state_key in (state if state is not None else lora_model.model.state_dict(keep_vars=True)):
         for pattern in own:
             match = pattern.match(state_key)
             if match:
@@ -86,6 +89,17 @@ def key_map(lora_model: LoraModel, adapter_name: str) -> tuple[dict[str, str], d
             elif leaf == "weight" and module_path.endswith(".base_layer") and owner in embeddings:
                 optional[KEY_PREFIX + state_key] = state_key
     return required, optional
+
+
+def nonfinite_keys(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Keys of floating-point tensors holding NaN or inf (one min/max pass each: NaN propagates)."""
+    bad = []
+    for key, t in tensors.items():
+        if t.is_floating_point() and t.numel():
+            low, high = torch.aminmax(t)
+            if not (torch.isfinite(low) and torch.isfinite(high)):
+                bad.append(key)
+    return bad
 
 
 # --- writing -------------------------------------------------------------------------------------
@@ -139,7 +153,7 @@ def write_adapter(directory: str | os.PathLike, config: LoraConfig, tensors: dic
     Raises:
         ValueError: a tensor holds NaN or inf (nothing is written).
     """
-    bad = [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    bad = nonfinite_keys(tensors)
     if bad:
         raise ValueError(f"{what} holds NaN or inf in {bad[:5]}; not saving it")
     data = config.to_dict()
@@ -203,7 +217,7 @@ def read_adapter(directory: str | os.PathLike, allow_pickle: bool = False) -> tu
             raise AdapterLoadError(f"{pickled} does not hold a dict of tensors")
     else:
         raise AdapterLoadError(f"{directory} has no {WEIGHTS_NAME}")
-    bad = [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    bad = nonfinite_keys(tensors)
     if bad:
         raise AdapterLoadError(f"{weights}: tensors hold NaN or inf: {bad[:5]}")
     return config, tensors
@@ -216,7 +230,8 @@ def load_weights(lora_model: LoraModel, adapter_name: str, tensors: dict[str, to
         AdapterLoadError: keys without the `base_model.model.` prefix, missing keys, unexpected
             keys or shape mismatches, each named; nothing has been copied then.
     """
-    required, optional = key_map(lora_model, adapter_name)
+    state = lora_model.model.state_dict(keep_vars=True)
+    required, optional = key_map(lora_model, adapter_name, state)
     where = f"adapter {source!r}" if source else f"adapter {adapter_name!r}"
     problems = []
     no_prefix = sorted(k for k in tensors if not k.startswith(KEY_PREFIX))
@@ -229,7 +244,6 @@ def load_weights(lora_model: LoraModel, adapter_name: str, tensors: dict[str, to
     if unexpected:
         problems.append(f"{len(unexpected)} unexpected keys (nothing in the model takes them; "
                         f"is this adapter for another base model?): {_few(unexpected)}")
-    state = lora_model.model.state_dict(keep_vars=True)
     all_keys = {**optional, **required}
     mismatched = [f"{k}: file {tuple(t.shape)} vs model {tuple(state[all_keys[k]].shape)}"
                   for k, t in sorted(tensors.items()) if k in all_keys and tuple(t.shape) != tuple(state[all_keys[k]].shape)]
@@ -239,8 +253,23 @@ def load_weights(lora_model: LoraModel, adapter_name: str, tensors: dict[str, to
         raise AdapterLoadError(f"cannot load {where}: " + "; ".join(problems))
     with torch.no_grad():
         for file_key, tensor in tensors.items():
-            target = state[all_keys[file_key]]
-            target.copy_(tensor.to(device=target.device, dtype=target.dtype))
+            state_key = all_keys[file_key]
+            target = state[state_key]
+            if target.is_meta:  # created by add_adapter(low_cpu_mem_usage=True): the file's tensor becomes it
+                _replace_parameter(lora_model.model, state_key, target, tensor)
+            elif tensor.dtype == target.dtype and tensor.device == target.device and tensor.is_contiguous():
+                target.data = tensor  # the file's tensor becomes the parameter's storage: no copy
+            else:
+                target.copy_(tensor.to(device=target.device, dtype=target.dtype))
+
+
+def _replace_parameter(model, state_key: str, old: torch.Tensor, tensor: torch.Tensor) -> None:
+    """Swap a meta-device factor for a parameter holding `tensor`, on its layer's base device."""
+    owner_path, _, leaf = state_key.rpartition(".")
+    layer_path = re.match(r"(.*?)\.lora_[A-Za-z_]+(\.|$)", state_key).group(1)
+    device = model.get_submodule(layer_path).base_weight.device
+    value = tensor.to(device=device, dtype=old.dtype)
+    setattr(model.get_submodule(owner_path), leaf, torch.nn.Parameter(value, requires_grad=old.requires_grad))
 
 
 def _few(items: list[str], n: int = 5) -> str:

@@ -46,13 +46,13 @@ class LoraModel(nn.Module):
         adapter_name: Its name. Default "default".
     """
 
-    def __init__(self, model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> None:
+    def __init__(self, model: nn.Module, config: LoraConfig, adapter_name: str = "default",
+                 low_cpu_mem_usage: bool = False) -> None:
         super().__init__()
         self.model = model
         self.peft_config: dict[str, LoraConfig] = {}
         self.active_adapter = adapter_name
-        self.add_adapter(adapter_name, config)
-        self.set_adapter(adapter_name)
+        self.add_adapter(adapter_name, config, low_cpu_mem_usage=low_cpu_mem_usage)  # also makes it active
 
     def __getattr__(self, name: str):
         try:
@@ -83,8 +83,13 @@ class LoraModel(nn.Module):
 
     # --- adding and removing -------------------------------------------------------------------
 
-    def add_adapter(self, adapter_name: str, config: LoraConfig) -> None:
+    def add_adapter(self, adapter_name: str, config: LoraConfig, low_cpu_mem_usage: bool = False) -> None:
         """Inject a new adapter (not made active). On any error the model is left as it was.
+
+        With `low_cpu_mem_usage` (PEFT's name) the factors are created on the meta device, neither
+        allocated nor initialised, for a caller that loads them from a file next
+        (`io.load_weights`). Inits that rewrite the base weight (PiSSA, OLoRA) still run, since
+        the file does not hold the residual base.
 
         Raises:
             ValueError: the name is invalid or taken; or init_lora_weights is "pissa"/"olora" and
@@ -118,8 +123,9 @@ class LoraModel(nn.Module):
                         weight_init.check_layer(layer, spec, config.init_lora_weights)
                     except ValueError as err:
                         raise ValueError(f"{path}: {err}") from None
+            skip_init = low_cpu_mem_usage and not weight_init.rewrites_base_weight(config.init_lora_weights)
             for path, layer, spec in planned:
-                layer.add_adapter(adapter_name, spec, init=config.init_lora_weights)
+                layer.add_adapter(adapter_name, spec, init=None if skip_init else config.init_lora_weights)
                 layer.train(layer.base_layer.training)  # new modules follow the model's train/eval mode
             for path in saved:
                 module = self.model.get_submodule(path)
@@ -352,9 +358,10 @@ class PeftModel(nn.Module):
         adapter_name: Its name. Default "default".
     """
 
-    def __init__(self, model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default") -> None:
+    def __init__(self, model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default",
+                 low_cpu_mem_usage: bool = False) -> None:
         super().__init__()
-        self.base_model = LoraModel(model, peft_config, adapter_name)
+        self.base_model = LoraModel(model, peft_config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
 
     def __getattr__(self, name: str):
         try:
@@ -480,7 +487,7 @@ class PeftModel(nn.Module):
         """
         config, tensors = io.read_adapter(model_id, allow_pickle=allow_pickle)
         config = dataclasses.replace(config, inference_mode=not is_trainable)
-        peft_model = cls(model, config, adapter_name)
+        peft_model = cls(model, config, adapter_name, low_cpu_mem_usage=True)  # the file fills the factors
         try:
             io.load_weights(peft_model.base_model, adapter_name, tensors, source=model_id)
         except Exception:
@@ -498,14 +505,13 @@ class PeftModel(nn.Module):
         """
         config, tensors = io.read_adapter(model_id, allow_pickle=allow_pickle)
         config = dataclasses.replace(config, inference_mode=not is_trainable)
-        self.base_model.add_adapter(adapter_name, config)
+        self.base_model.add_adapter(adapter_name, config, low_cpu_mem_usage=True)  # the file fills the factors
         try:
             io.load_weights(self.base_model, adapter_name, tensors, source=model_id)
         except Exception:
             self.base_model._remove_everywhere(adapter_name)
             del self.base_model.peft_config[adapter_name]
             raise
-        self.base_model.set_adapter(self.active_adapter)  # refresh requires_grad for the new adapter
 
 
 def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default",

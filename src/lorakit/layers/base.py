@@ -96,7 +96,9 @@ class LoraLayer(nn.Module):
         `init` is `LoraConfig.init_lora_weights`. The inits taken from the base weight ("pissa",
         "pissa_niter_K", "olora") run in `layers.init` and also replace the base weight by the
         residual; the others are the layer type's `_reset_factors`. On the meta device nothing
-        is initialised.
+        is initialised. `init=None` creates the factors on the meta device (no memory, no init
+        kernels), for a caller that loads them from a file next (`io.load_weights` replaces
+        them by the file's tensors on the base weight's device).
 
         Raises:
             ValueError: the name exists in this layer, or a weight-derived init does not apply
@@ -112,6 +114,9 @@ class LoraLayer(nn.Module):
         if from_weight:
             weight_init.check_layer(self, spec, init)
         self.adapters[name] = spec
+        if init is None:
+            self._create_factors(name, spec, torch.device("meta"), dtype)
+            return
         self._create_factors(name, spec, weight.device, dtype)
         if weight.device.type == "meta":
             return

@@ -46,6 +46,20 @@ def _plain_frozen_linear(layer: nn.Module) -> bool:
                      or torch_module._global_backward_pre_hooks))
 
 
+def factor_linear(in_features: int, out_features: int, bias: bool, device: torch.device,
+                  dtype: torch.dtype) -> nn.Linear:
+    """An nn.Linear for a LoRA factor. On the meta device it skips nn.Linear's init, which is
+    pure overhead there (adapters about to be loaded from a file are built that way)."""
+    if device.type != "meta":
+        return nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
+    layer = nn.Linear.__new__(nn.Linear)
+    nn.Module.__init__(layer)
+    layer.in_features, layer.out_features = in_features, out_features
+    layer.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype))
+    layer.register_parameter("bias", nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None)
+    return layer
+
+
 class Linear(LoraLayer):
     """LoRA wrapper for nn.Linear and Conv1D.
 
@@ -62,8 +76,8 @@ class Linear(LoraLayer):
         self.lora_B = nn.ModuleDict()
 
     def _create_factors(self, name: str, spec: AdapterSpec, device: torch.device, dtype: torch.dtype) -> None:
-        self.lora_A[name] = nn.Linear(self.in_features, spec.r, bias=False, device=device, dtype=dtype)
-        self.lora_B[name] = nn.Linear(spec.r, self.out_features, bias=spec.lora_bias, device=device, dtype=dtype)
+        self.lora_A[name] = factor_linear(self.in_features, spec.r, False, device, dtype)
+        self.lora_B[name] = factor_linear(spec.r, self.out_features, spec.lora_bias, device, dtype)
 
     def _reset_factors(self, name: str, init: bool | str) -> None:
         a, b = self.lora_A[name], self.lora_B[name]
