@@ -92,14 +92,13 @@ def key_map(lora_model: LoraModel, adapter_name: str,
 
 
 def nonfinite_keys(tensors: dict[str, torch.Tensor]) -> list[str]:
-    """Keys of floating-point tensors holding NaN or inf (one min/max pass each: NaN propagates)."""
-    bad = []
-    for key, t in tensors.items():
-        if t.is_floating_point() and t.numel():
-            low, high = torch.aminmax(t)
-            if not (torch.isfinite(low) and torch.isfinite(high)):
-                bad.append(key)
-    return bad
+    """Keys of floating-point tensors holding NaN or inf.
+
+    A sum is the cheapest full pass (NaN and inf propagate into it); only a non-finite sum,
+    which a finite tensor of huge values can also give, is confirmed element by element.
+    """
+    return [key for key, t in tensors.items()
+            if t.is_floating_point() and not torch.isfinite(t.sum()) and not torch.isfinite(t).all()]
 
 
 # --- writing -------------------------------------------------------------------------------------
@@ -251,25 +250,28 @@ def load_weights(lora_model: LoraModel, adapter_name: str, tensors: dict[str, to
         problems.append(f"{len(mismatched)} shape mismatches (adapter for another base model or rank?): {_few(mismatched)}")
     if problems:
         raise AdapterLoadError(f"cannot load {where}: " + "; ".join(problems))
+    modules: dict[str, torch.nn.Module] | None = None
     with torch.no_grad():
         for file_key, tensor in tensors.items():
             state_key = all_keys[file_key]
             target = state[state_key]
             if target.is_meta:  # created by add_adapter(low_cpu_mem_usage=True): the file's tensor becomes it
-                _replace_parameter(lora_model.model, state_key, target, tensor)
+                modules = modules if modules is not None else dict(lora_model.model.named_modules())
+                _replace_parameter(modules, state_key, target, tensor)
             elif tensor.dtype == target.dtype and tensor.device == target.device and tensor.is_contiguous():
                 target.data = tensor  # the file's tensor becomes the parameter's storage: no copy
             else:
                 target.copy_(tensor.to(device=target.device, dtype=target.dtype))
 
 
-def _replace_parameter(model, state_key: str, old: torch.Tensor, tensor: torch.Tensor) -> None:
+def _replace_parameter(modules: dict[str, torch.nn.Module], state_key: str, old: torch.Tensor,
+                       tensor: torch.Tensor) -> None:
     """Swap a meta-device factor for a parameter holding `tensor`, on its layer's base device."""
     owner_path, _, leaf = state_key.rpartition(".")
     layer_path = re.match(r"(.*?)\.lora_[A-Za-z_]+(\.|$)", state_key).group(1)
-    device = model.get_submodule(layer_path).base_weight.device
+    device = modules[layer_path].base_weight.device
     value = tensor.to(device=device, dtype=old.dtype)
-    setattr(model.get_submodule(owner_path), leaf, torch.nn.Parameter(value, requires_grad=old.requires_grad))
+    setattr(modules[owner_path], leaf, torch.nn.Parameter(value, requires_grad=old.requires_grad))
 
 
 def _few(items: list[str], n: int = 5) -> str:

@@ -191,22 +191,23 @@ class LoraModel(nn.Module):
             KeyError: no such adapter.
         """
         self._check_exists(adapter_name)
-        if self.merged and adapter_name != self.active_adapter:
+        wrappers = self._wrappers()
+        merged = any(isinstance(w, LoraLayer) and w.merged_adapters for _, w in wrappers)
+        if merged and adapter_name != self.active_adapter:
             warnings.warn("set_adapter on a merged model: unmerging first", stacklevel=2)
             self.unmerge_adapter()
         self.active_adapter = adapter_name
-        for _, wrapper in self._wrappers():
+        for _, wrapper in wrappers:
             wrapper.set_active([adapter_name])
-        self._mark_trainable()
+        self._mark_trainable(wrappers)
 
-    def _mark_trainable(self) -> None:
+    def _mark_trainable(self, wrappers: list[tuple[str, LoraLayer | ModulesToSave]]) -> None:
         """Freeze everything, then unfreeze the active adapter (unless it is inference-only)."""
         for p in self.model.parameters():
             p.requires_grad_(False)
         config = self.peft_config.get(self.active_adapter)
         if config is None or config.inference_mode:
             return
-        wrappers = self._wrappers()
         for _, wrapper in wrappers:
             for p in wrapper.adapter_parameters(self.active_adapter):
                 p.requires_grad_(True)
