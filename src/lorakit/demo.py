@@ -1,6 +1,6 @@
 """The main job: fine-tune the embedded model on lorakit's shipped task and show what it learned.
 
-Usage: lorakit demo [--out runs/demo] [--steps 120]      (or: make demo)
+Usage: lorakit demo [--out runs/demo] [--steps 30]      (or: make demo)
 
 1. Generate the order-extraction task (sentence -> fixed JSON record; see train/tasks.py):
    a training set and 100 held-out examples, written as Alpaca JSON Lines.
@@ -42,14 +42,14 @@ def demo(
     model: str | None = None,
     n_train: int = 1000,
     n_eval: int = 100,
-    steps: int = 120,
+    steps: int = 30,
     batch_size: int = 8,
     lr: float = 2e-3,
-    r: int = 16,
-    lora_alpha: float = 32,
+    r: int = 8,
+    lora_alpha: float = 16,
     target_modules: list[str] | None = None,
-    max_new_tokens: int = 72,
-    eval_batch_size: int = 25,
+    max_new_tokens: int = 64,
+    eval_batch_size: int = 100,
     seed: int = 0,
     show: int = 3,
 ) -> dict[str, Any]:
@@ -76,14 +76,14 @@ def demo(
     """
     from .hub import load_model_and_tokenizer
     from .model import PeftModel
-    from .train import tasks
+    from .train import data, tasks
     from .train.loop import train
 
     torch.manual_seed(seed)
     start = time.perf_counter()
     out_dir = Path(out)
     train_path, eval_path = tasks.write_splits(out_dir / "data", n_train, n_eval, seed=seed)
-    held_out = tasks.read_examples(eval_path) if hasattr(tasks, "read_examples") else _read(eval_path)
+    held_out = data.read_jsonl(eval_path)
     print(f"task: {tasks.TASK_NAME}: {n_train} training / {len(held_out)} held-out examples in {out_dir / 'data'}")
 
     base, tokenizer = load_model_and_tokenizer(model)
@@ -96,7 +96,7 @@ def demo(
     t = time.perf_counter()
     summary = train(data=str(train_path), out=str(out_dir), model=model, val_fraction=0.05, r=r, lora_alpha=lora_alpha,
                     target_modules=target_modules or ["all-linear"], lora_dropout=0.0, max_steps=steps,
-                    batch_size=batch_size, lr=lr, warmup_steps=max(1, steps // 20), max_seq_len=256, seed=seed)
+                    batch_size=batch_size, lr=lr, warmup_steps=max(1, steps // 6), max_seq_len=160, seed=seed)
     train_s = time.perf_counter() - t
 
     base, tokenizer = load_model_and_tokenizer(model)
@@ -126,10 +126,6 @@ def demo(
     print(f"wall time {total_s / 60:.1f} min (training {train_s:.0f} s), peak memory {results['peak_rss_gib']} GiB;"
           f" adapter in {summary['adapter']}")
     return results
-
-
-def _read(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
 def _one_line(text: str, width: int = 160) -> str:
