@@ -66,7 +66,7 @@ def factors(layer: LoraLayer, name: str) -> tuple[torch.Tensor, torch.Tensor, to
     A is (r, *rest) and B is (out, r, *ones) for every layer type: Linear (r, in) / (out, r),
     Embedding (r, num_embeddings) / (embedding_dim, r), Conv (r, in, *k) / (out, r, 1, ...).
     """
-    a_attr, b_attr = layer.factor_names
+    a_attr, b_attr = layer.factor_names[:2]  # (Linear also lists DoRA's lora_magnitude_vector)
     a, b = getattr(layer, a_attr)[name], getattr(layer, b_attr)[name]
     if isinstance(b, nn.Module):
         return a.weight, b.weight, b.bias
@@ -185,7 +185,7 @@ def add_weighted_adapter(lora_model: LoraModel, adapters: list[str], weights: li
         ValueError: the name is invalid or taken; weights and adapters differ in length; an
             unsupported combination_type, density or svd_rank; "linear" with different ranks;
             several inputs train the same modules_to_save module; an input was initialised by
-            PiSSA/OLoRA; the model is on the meta device (no weights to combine).
+            PiSSA/OLoRA or uses DoRA; the model is on the meta device (no weights to combine).
     """
     from .model import check_adapter_name
 
@@ -210,6 +210,11 @@ def add_weighted_adapter(lora_model: LoraModel, adapters: list[str], weights: li
     if svd_clamp is not None and not 0 < svd_clamp <= 1:
         raise ValueError(f"svd_clamp must be a quantile in (0, 1], got {svd_clamp!r}")
     configs = [lora_model.peft_config[n] for n in adapters]
+    dora_inputs = [n for n, c in zip(adapters, configs) if c.use_dora]
+    if dora_inputs:
+        raise ValueError(f"adapters {dora_inputs} use DoRA: combining DoRA adapters is not implemented (each "
+                         "magnitude vector belongs to its own W + ΔW, so no combination of the factors "
+                         "reproduces them); merge_and_unload() one of them instead")
     for name, config in zip(adapters, configs):
         if weight_init.rewrites_base_weight(config.init_lora_weights):
             raise ValueError(f"adapter {name!r} was initialised with init_lora_weights={config.init_lora_weights!r}: "

@@ -69,7 +69,9 @@ class LoraConfig:
         fan_in_fan_out: True when the base layer stores its weight as (in, out), as GPT-2's
             Conv1D does. Set automatically for Conv1D.
         use_rslora: Use lora_alpha / sqrt(r) as the scaling (rank-stabilised LoRA).
-        use_dora: Weight-decomposed LoRA. Not implemented yet: refused.
+        use_dora: DoRA (weight-decomposed LoRA): a trainable magnitude per output row rescales
+            W + ΔW (see `lorakit.layers.dora`). Linear and GPT-2 Conv1D targets only; not with
+            `lora_bias` (as in PEFT). Default False.
         init_lora_weights: True (kaiming-uniform A, zero B: the adapted model starts equal to
             the base), "gaussian" (A normal with std 1/r, zero B), False (both random;
             for tests), "pissa" (A, B from the top-r singular triplets of W),
@@ -150,8 +152,10 @@ class LoraConfig:
         if self.lora_bias and self.init_lora_weights not in (True, False):
             raise ConfigError(f"lora_bias=True needs init_lora_weights True or False (as in PEFT), "
                               f"got {self.init_lora_weights!r}")
-        if self.use_dora:
-            raise ConfigError("use_dora=True (DoRA) is not supported by this version of lorakit")
+        if not isinstance(self.use_dora, bool):
+            raise ConfigError(f"use_dora must be True or False, got {self.use_dora!r}")
+        if self.use_dora and self.lora_bias:
+            raise ConfigError("lora_bias=True is not supported with use_dora=True (DoRA), as in PEFT")
         for name in ("target_modules", "exclude_modules"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):

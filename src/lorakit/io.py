@@ -77,7 +77,10 @@ def key_map(lora_model: LoraModel, adapter_name: str,
         for pattern in own:
             match = pattern.match(state_key)
             if match:
-                required[KEY_PREFIX + match.group(1) + (match.group(2) or "")] = state_key
+                suffix = match.group(2) or ""
+                if match.group(1).endswith(".lora_magnitude_vector"):
+                    suffix = ""  # DoRA's magnitude: PEFT's file key has no ".weight" (`<module>.lora_magnitude_vector`)
+                required[KEY_PREFIX + match.group(1) + suffix] = state_key
                 break
         else:
             if re.search(r"\.(lora_[A-Za-z_]+|modules_to_save|original_module)\.", state_key):

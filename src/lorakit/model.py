@@ -92,7 +92,9 @@ class LoraModel(nn.Module):
         the file does not hold the residual base.
 
         Raises:
-            ValueError: the name is invalid or taken; or init_lora_weights is "pissa"/"olora" and
+            ValueError: the name is invalid or taken; use_dora with a target whose layer type
+                does not implement DoRA (Embedding, Conv, 4-bit; checked on every target before
+                any adapter is added); or init_lora_weights is "pissa"/"olora" and
                 a target is not a float linear layer of at least rank r (checked on every target
                 before any base weight is rewritten).
             TargetError: the config's targets match nothing in the model.
@@ -114,7 +116,13 @@ class LoraModel(nn.Module):
                     layer = dispatch.wrap(layer, config)
                     self._replace(path, layer)
                 spec = AdapterSpec(r=config.rank_for(path), alpha=config.alpha_for(path), dropout=config.lora_dropout,
-                                   use_rslora=config.use_rslora, lora_bias=config.lora_bias)
+                                   use_rslora=config.use_rslora, lora_bias=config.lora_bias,
+                                   use_dora=config.use_dora)
+                if spec.use_dora:  # before any layer gets the adapter
+                    try:
+                        layer.check_dora()
+                    except ValueError as err:
+                        raise ValueError(f"{path}: {err}") from None
                 planned.append((path, layer, spec))
             if weight_init.rewrites_base_weight(config.init_lora_weights):
                 # PiSSA/OLoRA rewrite base weights, which a rollback cannot undo: check every layer first

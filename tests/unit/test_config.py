@@ -24,7 +24,8 @@ def test_defaults_are_peft_defaults():
     (dict(target_modules=".*proj", layers_to_transform=[0]), "layers_to_transform cannot be combined"),
     (dict(layers_to_transform=[-1]), "layers_to_transform must be"),
     (dict(task_type="CAUSAL"), "task_type must be one of"),
-    (dict(use_dora=True), "DoRA"),
+    (dict(use_dora=True, lora_bias=True), "not supported with use_dora=True"),
+    (dict(use_dora=1), "use_dora must be True or False"),
 ])
 def test_bad_values_are_named(kwargs, fragment):
     with pytest.raises(ConfigError) as err:

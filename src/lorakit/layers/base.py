@@ -9,7 +9,9 @@ A wrapper holds the frozen `base_layer` and, per adapter, two small trainable fa
 alpha, dropout) lives in one small `AdapterSpec` record, not in parallel dicts.
 
 Subclasses (Linear, Embedding, Conv) implement four things: how to create the factors,
-how to reset them, the LoRA path of the forward, and ΔW in the base weight's layout.
+how to reset them, the LoRA path of the forward, and ΔW in the base weight's layout. A
+subclass that implements DoRA (`AdapterSpec.use_dora`; only `Linear`, see `layers.dora`) also
+sets `supports_dora` and provides `init_magnitude` and `dora_delta`; the others refuse it.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ class AdapterSpec:
         dropout: Dropout probability applied to the LoRA path's input.
         use_rslora: Scale by alpha / sqrt(r) instead of alpha / r.
         lora_bias: lora_B has a bias.
+        use_dora: DoRA: a trainable magnitude rescales each output row of W + ΔW
+            (see `layers.dora`).
     """
 
     r: int
@@ -38,6 +42,7 @@ class AdapterSpec:
     dropout: float = 0.0
     use_rslora: bool = False
     lora_bias: bool = False
+    use_dora: bool = False
 
     @property
     def scaling(self) -> float:
@@ -57,6 +62,8 @@ class LoraLayer(nn.Module):
 
     # Names of the attributes holding per-adapter factors, e.g. ("lora_A", "lora_B").
     factor_names: tuple[str, ...] = ("lora_A", "lora_B")
+    # Whether adapters with `use_dora` can be added (the layer types implementing DoRA set it).
+    supports_dora: bool = False
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
@@ -84,6 +91,25 @@ class LoraLayer(nn.Module):
         """ΔW of adapter `name` in float32, in the layout and shape of the base weight."""
         raise NotImplementedError
 
+    def init_magnitude(self, name: str) -> None:
+        """Set DoRA adapter `name`'s magnitude from the initialised factors (DoRA layers only)."""
+        raise NotImplementedError
+
+    def dora_delta(self, x: torch.Tensor, name: str, result: torch.Tensor) -> torch.Tensor:
+        """What DoRA adapter `name` adds to `result`, the output so far (DoRA layers only)."""
+        raise NotImplementedError
+
+    def check_dora(self) -> None:
+        """Raise unless this layer can take a DoRA adapter.
+
+        Raises:
+            ValueError: the layer type does not implement DoRA.
+        """
+        if not self.supports_dora:
+            raise ValueError(f"DoRA (use_dora=True) is not implemented for {type(self).__name__} adapters on a "
+                             f"{type(self.base_layer).__name__}; lorakit implements it on nn.Linear and GPT-2's "
+                             "Conv1D only (leave this module out of target_modules, or use plain LoRA)")
+
     # --- adapters ---------------------------------------------------------------------------
 
     @property
@@ -100,14 +126,20 @@ class LoraLayer(nn.Module):
         kernels), for a caller that loads them from a file next (`io.load_weights` replaces
         them by the file's tensors on the base weight's device).
 
+        With `spec.use_dora`, the magnitude is set last, from the initialised factors (and the
+        residual base weight after a weight-derived init), as PEFT does.
+
         Raises:
-            ValueError: the name exists in this layer, or a weight-derived init does not apply
-                to this layer (see `layers.init.check_layer`; nothing is changed then).
+            ValueError: the name exists in this layer, a weight-derived init does not apply
+                to this layer (see `layers.init.check_layer`), or DoRA is asked of a layer that
+                does not implement it (nothing is changed then).
         """
         from . import init as weight_init
 
         if name in self.adapters:
             raise ValueError(f"adapter {name!r} already exists in this layer")
+        if spec.use_dora:
+            self.check_dora()
         weight = self.base_weight
         dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
         from_weight = weight_init.rewrites_base_weight(init)
@@ -124,6 +156,8 @@ class LoraLayer(nn.Module):
             weight_init.init_from_weight(self, name, init)
         else:
             self._reset_factors(name, init)
+        if spec.use_dora:
+            self.init_magnitude(name)
 
     def delete_adapter(self, name: str) -> None:
         if name in self.merged_adapters:
@@ -157,7 +191,10 @@ class LoraLayer(nn.Module):
             return self.routing.apply(self, x, result)
         out_dtype = result.dtype
         for name in self.active_adapters:
-            result = result + self.lora_delta(x, name)
+            if self.adapters[name].use_dora:
+                result = result + self.dora_delta(x, name, result)
+            else:
+                result = result + self.lora_delta(x, name)
         return result.to(out_dtype)
 
     # --- merging ------------------------------------------------------------------------------

@@ -7,6 +7,8 @@ adds all groups' results into the output with a single scatter:
 
     x: (B, ...) -> for each adapter g: delta_g = lora(x[rows_g])  (n_g, ..., out)
     result.index_add_(0, cat(rows_g), cat(delta_g))                  one scatter per layer
+
+A DoRA adapter's delta also reads its rows of the base output (`LoraLayer.dora_delta`).
 """
 
 from __future__ import annotations
@@ -56,7 +58,10 @@ class AdapterRouting:
         for name, rows in self.groups(x.shape[0], x.device):
             if name in layer.adapters:  # an adapter may not target this layer
                 rows_all.append(rows)
-                deltas.append(layer.lora_delta(x.index_select(0, rows), name))
+                if layer.adapters[name].use_dora:  # DoRA rescales the base output of its rows
+                    deltas.append(layer.dora_delta(x.index_select(0, rows), name, result.index_select(0, rows)))
+                else:
+                    deltas.append(layer.lora_delta(x.index_select(0, rows), name))
         if not deltas:
             return result
         delta = torch.cat(deltas) if len(deltas) > 1 else deltas[0]

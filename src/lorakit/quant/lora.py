@@ -73,6 +73,7 @@ class Linear4bitLora(Linear):
     """
 
     mergeable = False
+    supports_dora = False  # DoRA's weight norm would need the dequantized weight every forward
 
     def __init__(self, base_layer: Linear4bit) -> None:
         super().__init__(base_layer, fan_in_fan_out=False)
