@@ -29,6 +29,7 @@ test-slow: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.run
+	$(PY) -m benchmarks.dora --write-docs
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 from pathlib import Path
 
@@ -109,8 +110,18 @@ def main(argv: list[str] | None = None) -> None:
         args.raw.write_text(json.dumps(raw, indent=1))
     out = args.out or (None if args.quick else ROOT / "docs" / "benchmarks.md")
     if out is not None:
-        out.write_text(report(rows, args.quick, args.threads, args.clock, time.perf_counter() - start))
+        text = report(rows, args.quick, args.threads, args.clock, time.perf_counter() - start)
+        out.write_text(text + keep_sections(out))
         print(f"wrote {out}")
+
+
+def keep_sections(path: Path) -> str:
+    """Sections other benchmarks wrote into the report (e.g. benchmarks.dora's), carried over."""
+    from .dora import SECTION_END, SECTION_START
+
+    old = path.read_text() if path.exists() else ""
+    found = re.search(re.escape(SECTION_START) + r".*?" + re.escape(SECTION_END), old, re.S)
+    return "\n" + found.group(0) + "\n" if found else ""
 
 
 if __name__ == "__main__":
