@@ -144,3 +144,14 @@ def test_torchrun_two_processes_match_one(setup, tmp_path):
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
     assert one["steps"] == 6
+
+
+def test_cli_names_the_malformed_line(setup, tmp_path):
+    model, _ = setup
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "copy : a", "output": "a"}\n{"instruction": "copy : b", "output": 3}\n')
+    result = subprocess.run([sys.executable, "-m", "lorakit.cli", "train", "--data", str(bad), "--model", str(model),
+                             "--out", str(tmp_path / "out"), "--quiet"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    assert "bad.jsonl" in result.stderr and "line 2" in result.stderr and "output" in result.stderr
+    assert "Traceback" not in result.stderr
