@@ -27,6 +27,38 @@ def tiny_bert_classifier(seed: int = 0) -> BertForSequenceClassification:
     return BertForSequenceClassification(config).eval()
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread per test: the models are tiny, and on 2 shared cores a second thread mostly
+    waits (a small SVD takes ~0.5 s with two threads on a busy machine, ~1 ms with one)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def logits(model, ids: torch.Tensor) -> torch.Tensor:
+    """The model's logits for `ids`, without gradients (train/eval mode left as it is)."""
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def eval_logits(model, ids: torch.Tensor) -> torch.Tensor:
+    """Logits in eval mode (PEFT creates its dropout modules in training mode even on an eval model)."""
+    model.eval()
+    return logits(model, ids)
+
+
+def perturb_trainables(model, seed: int = 7, scale: float = 0.1) -> None:
+    """Move every trainable tensor by seeded noise, in name order (a stand-in for training, so
+    comparisons are not between zeros)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in sorted(model.named_parameters()):
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * scale)
+
+
 @pytest.fixture
 def ids() -> torch.Tensor:
     return torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(1))

@@ -14,7 +14,7 @@ import lorakit
 
 peft = pytest.importorskip("peft")
 
-from conftest import tiny_gpt2, tiny_llama  # noqa: E402
+from conftest import eval_logits, perturb_trainables, tiny_gpt2, tiny_llama  # noqa: E402
 
 TOL = 1e-5
 
@@ -31,21 +31,6 @@ def build(lib, arch, **overrides):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # PEFT: fan_in_fan_out for Conv1D
         return lib.get_peft_model(make(), lib.LoraConfig(**config))
-
-
-def perturb_trainables(model, seed=7):
-    """Give every trainable tensor random values (as training would), in name order."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in sorted(model.named_parameters()):
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.1)
-
-
-def outputs(model, ids):
-    model.eval()
-    with torch.no_grad():
-        return model(ids).logits
 
 
 def trainable(model):
@@ -74,16 +59,16 @@ def test_round_trip_both_ways(arch, tmp_path, ids):
     make = MODELS[arch][0]
 
     perturb_trainables(ours)
-    expected = outputs(ours, ids)
+    expected = eval_logits(ours, ids)
     ours.save_pretrained(tmp_path / "ours")
     loaded = peft.PeftModel.from_pretrained(make(), str(tmp_path / "ours"))
-    assert (outputs(loaded, ids) - expected).abs().max() <= TOL
+    assert (eval_logits(loaded, ids) - expected).abs().max() <= TOL
 
     perturb_trainables(theirs)
-    expected = outputs(theirs, ids)
+    expected = eval_logits(theirs, ids)
     theirs.save_pretrained(tmp_path / "theirs")
     loaded = lorakit.PeftModel.from_pretrained(make(), str(tmp_path / "theirs"))
-    assert (outputs(loaded, ids) - expected).abs().max() <= TOL
+    assert (eval_logits(loaded, ids) - expected).abs().max() <= TOL
 
     # the same file: keys (the magnitude without ".weight"), shapes, and the config flag
     ours_file = load_file(str(tmp_path / "ours" / "adapter_model.safetensors"))
@@ -128,5 +113,5 @@ def test_merged_model_equals_pefts_merged_model(arch, ids):
     perturb_trainables(ours)
     state = {k.replace(".default", ""): v for k, v in ours.state_dict().items()}
     theirs.load_state_dict({k: state[k.replace(".default", "")] for k in theirs.state_dict()})
-    expected = outputs(theirs.merge_and_unload(), ids)
-    assert (outputs(ours.merge_and_unload(), ids) - expected).abs().max() <= TOL
+    expected = eval_logits(theirs.merge_and_unload(), ids)
+    assert (eval_logits(ours.merge_and_unload(), ids) - expected).abs().max() <= TOL

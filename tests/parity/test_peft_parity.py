@@ -11,7 +11,7 @@ import lorakit
 
 peft = pytest.importorskip("peft")
 
-from conftest import tiny_bert_classifier, tiny_gpt2, tiny_llama  # noqa: E402
+from conftest import eval_logits, perturb_trainables, tiny_bert_classifier, tiny_gpt2, tiny_llama  # noqa: E402
 
 CASES = {
     "llama-qv": (tiny_llama, dict(target_modules=["q_proj", "v_proj"])),
@@ -31,21 +31,6 @@ CASES = {
 }
 
 
-def outputs(model, ids):
-    model.eval()  # PEFT creates its dropout modules in training mode even on an eval model
-    with torch.no_grad():
-        return model(ids).logits
-
-
-def perturb_trainables(model, seed=7):
-    """Give every trainable tensor random values so the comparison is not between zeros."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in sorted(model.named_parameters()):
-            if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-
-
 @pytest.mark.parametrize("adapter_name", ["default", "other"])
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_lorakit_to_peft_and_back(case, adapter_name, tmp_path, ids):
@@ -53,20 +38,20 @@ def test_lorakit_to_peft_and_back(case, adapter_name, tmp_path, ids):
     # lorakit -> PEFT
     ours = lorakit.get_peft_model(make(), lorakit.LoraConfig(r=4, lora_alpha=8, **kwargs), adapter_name=adapter_name)
     perturb_trainables(ours)
-    expected = outputs(ours, ids)
+    expected = eval_logits(ours, ids)
     ours.save_pretrained(tmp_path / "ours")
     folder = tmp_path / "ours" / ("" if adapter_name == "default" else adapter_name)
     theirs = peft.PeftModel.from_pretrained(make(), str(folder), adapter_name=adapter_name)
-    assert (outputs(theirs, ids) - expected).abs().max() <= 1e-5
+    assert (eval_logits(theirs, ids) - expected).abs().max() <= 1e-5
 
     # PEFT -> lorakit
     theirs = peft.get_peft_model(make(), peft.LoraConfig(r=4, lora_alpha=8, **kwargs), adapter_name=adapter_name)
     perturb_trainables(theirs)
-    expected = outputs(theirs, ids)
+    expected = eval_logits(theirs, ids)
     theirs.save_pretrained(tmp_path / "theirs")
     folder = tmp_path / "theirs" / ("" if adapter_name == "default" else adapter_name)
     ours = lorakit.PeftModel.from_pretrained(make(), str(folder), adapter_name=adapter_name)
-    assert (outputs(ours, ids) - expected).abs().max() <= 1e-5
+    assert (eval_logits(ours, ids) - expected).abs().max() <= 1e-5
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

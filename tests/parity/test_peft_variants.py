@@ -13,33 +13,9 @@ from lorakit.layers import LoraLayer
 
 peft = pytest.importorskip("peft")
 
-from conftest import tiny_gpt2, tiny_llama  # noqa: E402
+from conftest import eval_logits, perturb_trainables, tiny_gpt2, tiny_llama  # noqa: E402
 
 TOL = 1e-5
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """LAPACK's SVD of a small tall matrix takes ~0.5 s with 2 threads on a busy machine, 1 ms with one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def outputs(model, ids):
-    model.eval()  # PEFT creates its dropout modules in training mode even on an eval model
-    with torch.no_grad():
-        return model(ids).logits
-
-
-def perturb_trainables(model, seed=7):
-    """Give every trainable tensor random values (as training would), in name order."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in sorted(model.named_parameters()):
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.1)
 
 
 def tensors(model):
@@ -90,16 +66,16 @@ def test_round_trip_both_ways(case, tmp_path, ids):
         assert names(ours) == names(theirs)  # the same modules, factors and biases train
 
         perturb_trainables(ours)
-        expected = outputs(ours, ids)
+        expected = eval_logits(ours, ids)
         ours.save_pretrained(tmp_path / "ours")
         loaded = peft.PeftModel.from_pretrained(make(), str(tmp_path / "ours"))
-        assert (outputs(loaded, ids) - expected).abs().max() <= TOL
+        assert (eval_logits(loaded, ids) - expected).abs().max() <= TOL
 
         perturb_trainables(theirs)
-        expected = outputs(theirs, ids)
+        expected = eval_logits(theirs, ids)
         theirs.save_pretrained(tmp_path / "theirs")
         loaded = lorakit.PeftModel.from_pretrained(make(), str(tmp_path / "theirs"))
-        assert (outputs(loaded, ids) - expected).abs().max() <= TOL
+        assert (eval_logits(loaded, ids) - expected).abs().max() <= TOL
 
 
 def test_gaussian_init_has_peft_distribution():
@@ -149,10 +125,10 @@ def test_weight_init_adapter_loads_both_ways_on_the_original_base(init, tmp_path
     for save_lib, load_lib in ((lorakit, peft), (peft, lorakit)):
         trained = save_lib.get_peft_model(tiny_llama(), save_lib.LoraConfig(**config))
         perturb_trainables(trained)
-        expected = outputs(trained, ids)
+        expected = eval_logits(trained, ids)
         trained.save_pretrained(tmp_path / save_lib.__name__)
         loaded = load_lib.PeftModel.from_pretrained(tiny_llama(), str(tmp_path / save_lib.__name__))
-        assert (outputs(loaded, ids) - expected).abs().max() <= TOL
+        assert (eval_logits(loaded, ids) - expected).abs().max() <= TOL
 
 
 # --- PiSSA -> LoRA conversion ------------------------------------------------------------------------
@@ -167,13 +143,13 @@ def test_converted_adapter_equals_peft_conversion_and_runs_on_the_original_base(
         initial = tmp_path / lib.__name__ / "init"
         model.save_pretrained(initial)
         perturb_trainables(model)  # "training": the same values in both (same names, same order)
-        expected = outputs(model, ids)
+        expected = eval_logits(model, ids)
         folders[lib] = tmp_path / lib.__name__ / "lora"
         model.save_pretrained(folders[lib], path_initial_model_for_weight_conversion=str(initial))
         # the converted adapter applies to the ORIGINAL base, in either library
         for loader in (lorakit, peft):
             loaded = loader.PeftModel.from_pretrained(tiny_llama(), str(folders[lib]))
-            assert (outputs(loaded, ids) - expected).abs().max() <= TOL, (lib.__name__, loader.__name__)
+            assert (eval_logits(loaded, ids) - expected).abs().max() <= TOL, (lib.__name__, loader.__name__)
     ours_config, ours = lorakit.io.read_adapter(folders[lorakit])
     theirs_config, theirs = lorakit.io.read_adapter(folders[peft])
     assert max_diff(ours, theirs) <= TOL
@@ -234,10 +210,10 @@ def test_add_weighted_adapter_equals_peft(arch, combination_type, ranks, weights
         assert sorted(ours_config.target_modules) == sorted(theirs_config.target_modules)
 
         theirs.set_adapter("mix")
-        expected = outputs(theirs, ids)
+        expected = eval_logits(theirs, ids)
         ours.save_pretrained(tmp_path / "ours", selected_adapters=["mix"])
         loaded = peft.PeftModel.from_pretrained(make(), str(tmp_path / "ours" / "mix"))
-        assert (outputs(loaded, ids) - expected).abs().max() <= TOL
+        assert (eval_logits(loaded, ids) - expected).abs().max() <= TOL
         theirs.save_pretrained(tmp_path / "theirs", selected_adapters=["mix"])
         loaded = lorakit.PeftModel.from_pretrained(make(), str(tmp_path / "theirs" / "mix"))
-        assert (outputs(loaded, ids) - expected).abs().max() <= TOL
+        assert (eval_logits(loaded, ids) - expected).abs().max() <= TOL

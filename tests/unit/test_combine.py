@@ -7,23 +7,9 @@ import torch
 
 from lorakit import LoraConfig, PeftModel, cli, get_peft_model
 
-from conftest import make_tiny_model_dir, tiny_bert_classifier, tiny_llama
+from conftest import logits, make_tiny_model_dir, tiny_bert_classifier, tiny_llama
 
 QV = ["q_proj", "v_proj"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """LAPACK's SVD of a small tall matrix takes ~0.5 s with 2 threads on a busy machine, 1 ms with one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def logits(model, ids):
-    with torch.no_grad():
-        return model(ids).logits
 
 
 def two_adapters(make=tiny_llama, a=None, b=None):

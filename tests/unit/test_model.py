@@ -10,14 +10,9 @@ from safetensors.torch import load_file, save_file
 from lorakit import AdapterLoadError, LoraConfig, PeftModel, get_peft_model
 from lorakit.layers import LoraLayer
 
-from conftest import tiny_bert_classifier, tiny_gpt2, tiny_llama
+from conftest import logits, tiny_bert_classifier, tiny_gpt2, tiny_llama
 
 QV = dict(target_modules=["q_proj", "v_proj"])
-
-
-def logits(model, ids):
-    with torch.no_grad():
-        return model(ids).logits
 
 
 def random_adapter(**kw):

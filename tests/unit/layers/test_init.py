@@ -13,32 +13,9 @@ from lorakit.convert import ConversionError, convert_to_lora
 from lorakit.layers import AdapterSpec, Linear, LoraLayer
 from lorakit.layers import init as weight_init
 
-from conftest import tiny_gpt2, tiny_llama
+from conftest import logits, perturb_trainables, tiny_gpt2, tiny_llama
 
 WEIGHT_INITS = ["pissa", "pissa_niter_3", "olora"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """LAPACK's SVD of a small tall matrix takes ~0.5 s with 2 threads on a busy machine, 1 ms with one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def logits(model, ids):
-    with torch.no_grad():
-        return model(ids).logits
-
-
-def train_a_little(model, seed=3):
-    """Stand-in for training: move every trainable tensor a little."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in sorted(model.named_parameters()):
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.05)
 
 
 def wrapped(layer, r=4, alpha=8.0, init="pissa", **spec):
@@ -164,7 +141,7 @@ def test_converted_adapter_on_the_original_base_reproduces_the_trained_model(ini
     make = lambda: tiny_llama(attention_bias=True)  # noqa: E731  (biases for bias="all" to train)
     model = get_peft_model(make(), config)
     model.save_pretrained(tmp_path / "init")
-    train_a_little(model)
+    perturb_trainables(model)
     expected = logits(model, ids)
     model.save_pretrained(tmp_path / "trained")
     model.save_pretrained(tmp_path / "lora", path_initial_model_for_weight_conversion=str(tmp_path / "init"))

@@ -19,14 +19,9 @@ from lorakit.quant import (
     save_quantized,
 )
 
-from conftest import tiny_llama
+from conftest import logits, tiny_llama
 
 QV = dict(target_modules=["q_proj", "v_proj"])
-
-
-def logits(model, ids):
-    with torch.no_grad():
-        return model(ids).logits
 
 
 def qlora(seed=0, double_quant=False, llama=None, **config):
