@@ -222,10 +222,11 @@ def nf4_bytes(numel: int, double_quant: bool = True) -> float:
 
     Returns:
         numel/2 + ceil(numel/64)·4 without double quant (4.5 bits/param), numel/2 +
-        ceil(numel/64) + ceil(numel/64/256)·4 with it (~4.127 bits/param).
+        ceil(numel/64) + ceil(numel/64/256)·4 + 4 (the fp32 offset) with it (~4.127 bits/param):
+        exactly `lorakit.quant.quantize_nf4(w, double_quant=...).nbytes` (tested).
     """
     blocks = math.ceil(numel / NF4_BLOCKSIZE)
-    scales = blocks + 4 * math.ceil(blocks / NF4_DOUBLE_QUANT_BLOCKSIZE) if double_quant else 4 * blocks
+    scales = blocks + 4 * math.ceil(blocks / NF4_DOUBLE_QUANT_BLOCKSIZE) + 4 if double_quant else 4 * blocks
     return math.ceil(numel / 2) + scales
 
 

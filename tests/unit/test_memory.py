@@ -89,10 +89,10 @@ def test_tiny_weights_gradients_optimizer():
     assert (full.weights, full.gradients, full.optimizer) == (2 * TOTAL, 2 * TOTAL, 8 * TOTAL)
     # LoRA factors are fp32 (4 B) whatever the base dtype
     assert (lora.weights, lora.gradients, lora.optimizer) == (2 * TOTAL + 4 * LORA, 4 * LORA, 8 * LORA)
-    # NF4 with double quant: n/2 codes + n/64 one-byte scales + 4 bytes per 256 scales.
-    # 1024 -> 512 + 16 + 4 = 532; 512 -> 256 + 8 + 4 = 268; 2048 -> 1024 + 32 + 4 = 1060.
-    nf4 = 2 * (2 * 532 + 2 * 268 + 3 * 1060)  # 9560
-    assert qlora.weights == nf4 + 2 * (TOTAL - QUANTIZED) + 4 * LORA  # 9560 + 13120 + 7168
+    # NF4 with double quant: n/2 codes + n/64 one-byte scales + 4 bytes per 256 scales + a 4-byte offset.
+    # 1024 -> 512 + 16 + 4 + 4 = 536; 512 -> 256 + 8 + 4 + 4 = 272; 2048 -> 1024 + 32 + 4 + 4 = 1064.
+    nf4 = 2 * (2 * 536 + 2 * 272 + 3 * 1064)  # 9616: codes, 8-bit scales, fp32 scale and offset per layer
+    assert qlora.weights == nf4 + 2 * (TOTAL - QUANTIZED) + 4 * LORA  # 9616 + 13120 + 7168
     assert tiny_estimate(optimizer="sgd").breakdowns["lora"].optimizer == 0
 
 
@@ -267,3 +267,13 @@ def test_bad_arguments_on_the_command_line(capsys):
     assert "matched no module" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["memory", "SmolLM2-135M", "--dtype", "int3"])
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (576, 1536), (33, 7)])
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_nf4_bytes_equal_the_implementations(shape, double_quant):
+    from lorakit.memory import nf4_bytes
+    from lorakit.quant import quantize_nf4
+
+    weight = torch.randn(*shape)
+    assert nf4_bytes(weight.numel(), double_quant) == quantize_nf4(weight, double_quant=double_quant).nbytes
