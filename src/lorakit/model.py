@@ -165,6 +165,41 @@ class LoraModel(nn.Module):
         self._remove_everywhere(adapter_name)
         del self.peft_config[adapter_name]
 
+    def remove_adapter(self, adapter_name: str) -> None:
+        """Remove an adapter even if it is the active or the only one (`delete_adapter` refuses
+        those, as PEFT does): another adapter, if any, becomes active; wrappers left without
+        adapters are unwrapped, so with none left the model is the plain base again.
+
+        Raises:
+            KeyError: no such adapter.
+            ValueError: it is merged into the base weights.
+        """
+        self._check_exists(adapter_name)
+        if any(adapter_name in layer.merged_adapters for _, layer in self.lora_layers()):
+            raise ValueError(f"adapter {adapter_name!r} is merged; unmerge_adapter() before removing it")
+        self._remove_everywhere(adapter_name)
+        del self.peft_config[adapter_name]
+        if adapter_name == self.active_adapter and self.peft_config:
+            self.set_adapter(next(iter(self.peft_config)))
+
+    def add_adapter_from_tensors(self, adapter_name: str, config: LoraConfig, tensors: dict[str, torch.Tensor],
+                                 source: str = "") -> None:
+        """Add an adapter whose weights are already read (`io.read_adapter`): injected without
+        initialisation, filled and checked by `io.load_weights`; on any error removed again, so
+        the model keeps exactly the adapters it had.
+
+        Raises:
+            AdapterLoadError: the tensors do not fit (named keys and shapes).
+            ValueError, TargetError: as for `add_adapter`.
+        """
+        self.add_adapter(adapter_name, config, low_cpu_mem_usage=True)  # the tensors fill the factors
+        try:
+            io.load_weights(self, adapter_name, tensors, source=source)
+        except Exception:
+            self._remove_everywhere(adapter_name)
+            del self.peft_config[adapter_name]
+            raise
+
     def _remove_everywhere(self, adapter_name: str) -> None:
         """Drop an adapter from every wrapper and unwrap wrappers left with none (rollback-safe)."""
         for path, wrapper in self._wrappers():
@@ -500,7 +535,7 @@ class PeftModel(nn.Module):
         try:
             io.load_weights(peft_model.base_model, adapter_name, tensors, source=model_id)
         except Exception:
-            peft_model.base_model._remove_everywhere(adapter_name)  # unwrap: the model is as it was
+            peft_model.base_model.remove_adapter(adapter_name)  # unwrap: the model is as it was
             raise
         return peft_model
 
@@ -514,13 +549,7 @@ class PeftModel(nn.Module):
         """
         config, tensors = io.read_adapter(model_id, allow_pickle=allow_pickle)
         config = dataclasses.replace(config, inference_mode=not is_trainable)
-        self.base_model.add_adapter(adapter_name, config, low_cpu_mem_usage=True)  # the file fills the factors
-        try:
-            io.load_weights(self.base_model, adapter_name, tensors, source=model_id)
-        except Exception:
-            self.base_model._remove_everywhere(adapter_name)
-            del self.base_model.peft_config[adapter_name]
-            raise
+        self.base_model.add_adapter_from_tensors(adapter_name, config, tensors, source=model_id)
 
 
 def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default",

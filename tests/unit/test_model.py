@@ -169,6 +169,17 @@ def test_several_adapters_switch_and_save_in_subfolders(tmp_path, ids):
     assert not any(isinstance(m, LoraLayer) for n, m in fresh.named_modules() if n.endswith("k_proj"))
 
 
+def test_remove_adapter_takes_even_the_active_and_last_one(ids):
+    base_out = logits(tiny_llama(), ids)
+    model = get_peft_model(tiny_llama(), random_adapter())
+    model.add_adapter("other", random_adapter(target_modules=["k_proj"]))
+    model.remove_adapter("default")  # the active one: "other" takes over
+    assert model.active_adapter == "other" and list(model.peft_config) == ["other"]
+    model.remove_adapter("other")  # the last one: the base is plain again
+    assert not any(isinstance(m, LoraLayer) for m in model.modules())
+    torch.testing.assert_close(logits(model, ids), base_out, rtol=0, atol=0)
+
+
 def test_modules_to_save_train_and_reload(tmp_path):
     ids = torch.randint(0, 100, (2, 9))
     model = get_peft_model(tiny_bert_classifier(), random_adapter(target_modules=["query", "value"], task_type="SEQ_CLS"))

@@ -381,22 +381,15 @@ class Engine:
 
     def _attach(self, name: str, config: LoraConfig, tensors: dict[str, torch.Tensor], source: str) -> None:
         if self._peft is None:
-            peft = PeftModel(self._base, config, name)  # wraps the target layers in place
+            peft = PeftModel(self._base, config, name, low_cpu_mem_usage=True)  # wraps the targets in place
             try:
                 io.load_weights(peft.base_model, name, tensors, source=source)
             except Exception:
-                peft.base_model._remove_everywhere(name)  # unwrap: the base is as it was
+                peft.base_model.remove_adapter(name)  # unwrap: the base is as it was
                 raise
             self._peft = peft
             return
-        lora = self._peft.base_model
-        lora.add_adapter(name, config)
-        try:
-            io.load_weights(lora, name, tensors, source=source)
-        except Exception:
-            self._remove(name)
-            raise
-        lora.set_adapter(lora.active_adapter)  # refresh requires_grad: all frozen
+        self._peft.base_model.add_adapter_from_tensors(name, config, tensors, source=source)
 
     def _detach(self, name: str) -> None:
         if self._peft is None or name not in self._peft.peft_config:
@@ -408,18 +401,8 @@ class Engine:
         self._remove(name)
 
     def _remove(self, name: str) -> None:
-        """Drop an adapter. Rows are routed by name, so which adapter is "active" does not matter
-        here; `delete_adapter` refuses the active one, so another is made active first, and the
-        last one is removed as `PeftModel.load_adapter` rolls back a failed load."""
-        lora = self._peft.base_model
-        others = [n for n in lora.peft_config if n != name]
-        if name == lora.active_adapter and others:
-            lora.set_adapter(others[0])
-        if others:
-            lora.delete_adapter(name)
-        else:
-            lora._remove_everywhere(name)
-            del lora.peft_config[name]
+        """Drop an adapter (rows are routed by name, so which one is "active" does not matter here)."""
+        self._peft.base_model.remove_adapter(name)
 
     # --- the loop ----------------------------------------------------------------------------------
 
