@@ -164,16 +164,22 @@ def select_modules_to_save(model: nn.Module, config: LoraConfig) -> list[str]:
 
 
 def _candidates(model: nn.Module):
-    """(path, module) for every module outside LoRA wrappers' internals."""
+    """(path, module) for every module outside LoRA wrappers' internals, in `named_modules` order
+    (a module reachable twice is listed once); a wrapper is listed, its insides are not."""
     from .layers import LoraLayer, ModulesToSave
 
-    skip: list[str] = []
-    for path, module in model.named_modules():
-        if any(path.startswith(prefix) for prefix in skip):
+    seen: set[int] = set()
+    stack = [("", model)]
+    while stack:
+        path, module = stack.pop()
+        if id(module) in seen:
             continue
-        if isinstance(module, (LoraLayer, ModulesToSave)):
-            skip.append(path + ".")
+        seen.add(id(module))
         yield path, module
+        if not isinstance(module, (LoraLayer, ModulesToSave)):
+            children = [(f"{path}.{name}" if path else name, child)
+                        for name, child in module._modules.items() if child is not None]
+            stack.extend(reversed(children))
 
 
 def _is_linear(module: nn.Module) -> bool:
