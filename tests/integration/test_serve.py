@@ -35,15 +35,6 @@ PROMPTS = ["the cat sat on the mat", "a big red sun", "the old dog ran and"]
 LIMITS = dict(max_prompt_tokens=48, max_tokens_limit=24, max_request_bytes=4000)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny matrices: a second intra-op thread only adds synchronization (seconds on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @functools.cache
 def tokenizer() -> PreTrainedTokenizerFast:
     """A word-level tokenizer over a few dozen words, with a chat template."""

@@ -17,15 +17,6 @@ EOS = 2  # LlamaConfig's default eos_token_id
 GREEDY = dict(temperature=0.0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny matrices: a second intra-op thread only adds synchronization (seconds on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class WordTokenizer:
     """Token id i decodes to the word "w<i>"; the end-of-sequence id is special and skipped."""
 

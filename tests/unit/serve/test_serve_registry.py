@@ -22,14 +22,6 @@ from lorakit.serve.registry import (
 from conftest import tiny_llama
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class IdTokenizer:
     eos_token_id = 2
 
