@@ -59,6 +59,23 @@ def perturb_trainables(model, seed: int = 7, scale: float = 0.1) -> None:
                 p.add_(torch.randn(p.shape, generator=g) * scale)
 
 
+def assert_round_trip(ours, theirs, make, ids: torch.Tensor, tmp_path, adapter_name: str = "default",
+                      tol: float = 1e-5) -> None:
+    """Each library's adapter (trainables perturbed), saved and loaded into a fresh base `make()` in
+    the other library, gives the same logits within `tol`. `ours` is lorakit's model, `theirs` PEFT's."""
+    import peft
+
+    import lorakit
+
+    sub = "" if adapter_name == "default" else adapter_name
+    for source, target, folder in ((ours, peft.PeftModel, "ours"), (theirs, lorakit.PeftModel, "theirs")):
+        perturb_trainables(source)
+        expected = eval_logits(source, ids)
+        source.save_pretrained(tmp_path / folder)
+        loaded = target.from_pretrained(make(), str(tmp_path / folder / sub), adapter_name=adapter_name)
+        assert (eval_logits(loaded, ids) - expected).abs().max() <= tol, f"{folder}'s adapter loaded in the other library"
+
+
 @pytest.fixture
 def ids() -> torch.Tensor:
     return torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(1))

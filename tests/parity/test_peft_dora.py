@@ -14,7 +14,7 @@ import lorakit
 
 peft = pytest.importorskip("peft")
 
-from conftest import eval_logits, perturb_trainables, tiny_gpt2, tiny_llama  # noqa: E402
+from conftest import assert_round_trip, eval_logits, perturb_trainables, tiny_gpt2, tiny_llama  # noqa: E402
 
 TOL = 1e-5
 
@@ -58,17 +58,7 @@ def test_round_trip_both_ways(arch, tmp_path, ids):
     ours, theirs = build(lorakit, arch), build(peft, arch)
     make = MODELS[arch][0]
 
-    perturb_trainables(ours)
-    expected = eval_logits(ours, ids)
-    ours.save_pretrained(tmp_path / "ours")
-    loaded = peft.PeftModel.from_pretrained(make(), str(tmp_path / "ours"))
-    assert (eval_logits(loaded, ids) - expected).abs().max() <= TOL
-
-    perturb_trainables(theirs)
-    expected = eval_logits(theirs, ids)
-    theirs.save_pretrained(tmp_path / "theirs")
-    loaded = lorakit.PeftModel.from_pretrained(make(), str(tmp_path / "theirs"))
-    assert (eval_logits(loaded, ids) - expected).abs().max() <= TOL
+    assert_round_trip(ours, theirs, make, ids, tmp_path, tol=TOL)
 
     # the same file: keys (the magnitude without ".weight"), shapes, and the config flag
     ours_file = load_file(str(tmp_path / "ours" / "adapter_model.safetensors"))

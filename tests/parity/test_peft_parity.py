@@ -11,7 +11,7 @@ import lorakit
 
 peft = pytest.importorskip("peft")
 
-from conftest import eval_logits, perturb_trainables, tiny_bert_classifier, tiny_gpt2, tiny_llama  # noqa: E402
+from conftest import assert_round_trip, tiny_bert_classifier, tiny_gpt2, tiny_llama  # noqa: E402
 
 CASES = {
     "llama-qv": (tiny_llama, dict(target_modules=["q_proj", "v_proj"])),
@@ -35,23 +35,9 @@ CASES = {
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_lorakit_to_peft_and_back(case, adapter_name, tmp_path, ids):
     make, kwargs = CASES[case]
-    # lorakit -> PEFT
     ours = lorakit.get_peft_model(make(), lorakit.LoraConfig(r=4, lora_alpha=8, **kwargs), adapter_name=adapter_name)
-    perturb_trainables(ours)
-    expected = eval_logits(ours, ids)
-    ours.save_pretrained(tmp_path / "ours")
-    folder = tmp_path / "ours" / ("" if adapter_name == "default" else adapter_name)
-    theirs = peft.PeftModel.from_pretrained(make(), str(folder), adapter_name=adapter_name)
-    assert (eval_logits(theirs, ids) - expected).abs().max() <= 1e-5
-
-    # PEFT -> lorakit
     theirs = peft.get_peft_model(make(), peft.LoraConfig(r=4, lora_alpha=8, **kwargs), adapter_name=adapter_name)
-    perturb_trainables(theirs)
-    expected = eval_logits(theirs, ids)
-    theirs.save_pretrained(tmp_path / "theirs")
-    folder = tmp_path / "theirs" / ("" if adapter_name == "default" else adapter_name)
-    ours = lorakit.PeftModel.from_pretrained(make(), str(folder), adapter_name=adapter_name)
-    assert (eval_logits(ours, ids) - expected).abs().max() <= 1e-5
+    assert_round_trip(ours, theirs, make, ids, tmp_path, adapter_name)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

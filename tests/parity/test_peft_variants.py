@@ -13,7 +13,7 @@ from lorakit.layers import LoraLayer
 
 peft = pytest.importorskip("peft")
 
-from conftest import eval_logits, perturb_trainables, tiny_gpt2, tiny_llama  # noqa: E402
+from conftest import assert_round_trip, eval_logits, perturb_trainables, tiny_gpt2, tiny_llama  # noqa: E402
 
 TOL = 1e-5
 
@@ -65,17 +65,7 @@ def test_round_trip_both_ways(case, tmp_path, ids):
         names = lambda m: sorted(n for n, p in m.named_parameters() if p.requires_grad)  # noqa: E731
         assert names(ours) == names(theirs)  # the same modules, factors and biases train
 
-        perturb_trainables(ours)
-        expected = eval_logits(ours, ids)
-        ours.save_pretrained(tmp_path / "ours")
-        loaded = peft.PeftModel.from_pretrained(make(), str(tmp_path / "ours"))
-        assert (eval_logits(loaded, ids) - expected).abs().max() <= TOL
-
-        perturb_trainables(theirs)
-        expected = eval_logits(theirs, ids)
-        theirs.save_pretrained(tmp_path / "theirs")
-        loaded = lorakit.PeftModel.from_pretrained(make(), str(tmp_path / "theirs"))
-        assert (eval_logits(loaded, ids) - expected).abs().max() <= TOL
+        assert_round_trip(ours, theirs, make, ids, tmp_path, tol=TOL)
 
 
 def test_gaussian_init_has_peft_distribution():
