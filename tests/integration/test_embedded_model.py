@@ -39,3 +39,16 @@ def test_cli_generate_streams_an_answer(tmp_path):
                             env=os.environ | {"OMP_NUM_THREADS": "2"})
     assert result.returncode == 0, result.stderr[-2000:]
     assert "Paris" in result.stdout
+
+
+def test_demo_runs_end_to_end_on_a_small_budget(tmp_path, capsys):
+    from lorakit.demo import demo
+
+    results = demo(out=str(tmp_path / "demo"), n_train=32, n_eval=4, steps=2, batch_size=4, max_new_tokens=12,
+                   eval_batch_size=4, show=1)
+    saved = json.loads((tmp_path / "demo" / "demo_results.json").read_text())
+    assert saved == results and saved["held_out"] == 4 and saved["train_steps"] == 2
+    assert 0.0 <= saved["exact_match_before"] <= 1.0 and 0.0 <= saved["exact_match_after"] <= 1.0
+    assert (tmp_path / "demo" / "adapter" / "adapter_model.safetensors").is_file()
+    out = capsys.readouterr().out
+    assert "before fine-tuning: exact match" in out and "expected :" in out and "->  after" in out
