@@ -50,11 +50,12 @@ def generate(
     net.eval()
     input_ids = encode_prompt(tokenizer, prompt, chat=chat, system=system)
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id  # 0 is a valid id
     sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
     with torch.no_grad():
         out = net.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
                            streamer=streamer,
-                           pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id, **sampling)
+                           pad_token_id=pad_id, **sampling)
     return tokenizer.decode(out[0, input_ids.shape[1]:], skip_special_tokens=True)
 
 

@@ -37,6 +37,18 @@ def check_adapter_name(name: str) -> None:
                          f"(and not the reserved {BASE_ADAPTER!r})")
 
 
+def check_finite_merge(layers: list[tuple[str, LoraLayer]], names: list[str]) -> None:
+    """safe_merge's check, before any weight changes: every merged weight must be finite.
+
+    Raises:
+        ValueError: naming the first layer whose merge would hold NaN or inf.
+    """
+    for path, layer in layers:
+        present = [n for n in names if n in layer.adapters and n not in layer.merged_adapters]
+        if present and not torch.isfinite(layer.merged_weight(present)).all():
+            raise ValueError(f"safe_merge: merging {present} into {path} gives NaN or inf; nothing was merged")
+
+
 class LoraModel(nn.Module):
     """Holds the user's model and the adapters injected into it.
 
@@ -294,10 +306,7 @@ class LoraModel(nn.Module):
 
             raise QuantizedMergeError(f"{MERGE_REFUSAL} ({len(refused)} layers, e.g. {refused[0]}; nothing was merged)")
         if safe_merge:
-            for path, layer in layers:
-                present = [n for n in names if n in layer.adapters and n not in layer.merged_adapters]
-                if present and not torch.isfinite(layer.merged_weight(present)).all():
-                    raise ValueError(f"safe_merge: merging {present} into {path} gives NaN or inf; nothing was merged")
+            check_finite_merge(layers, names)
         for _, layer in layers:
             layer.merge([n for n in names if n in layer.adapters])
 

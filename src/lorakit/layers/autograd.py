@@ -369,11 +369,7 @@ class LoraLinearFunction(torch.autograd.Function):
         saved = [weight if need_x else None, a if need_x else None, b if (need_x or need_a) else None,
                  h if need_b else None, kept]
         if need_a:
-            if recipe is not None:
-                ctx.recipe = Recipe(recipe.program, (), recipe.scaled)  # the leaves go through save_for_backward
-                saved.extend(recipe.leaves)
-            else:
-                saved.append(x)
+            stash_input(ctx, saved, x, recipe)
         ctx.save_for_backward(*saved)
         return result
 
@@ -400,7 +396,7 @@ class LoraLinearFunction(torch.autograd.Function):
                 positions = kept.long() if kept is not None else drop_positions(
                     seed, g_h.shape[0] * in_features, p, g_h.device)
             if need_a:
-                grad_a = _grad_a(g_h, x_saved, ctx.recipe, positions, in_features, factor_dtype)
+                grad_a = lora_grad_a(g_h, x_saved, ctx.recipe, positions, in_features, factor_dtype)
             if need_x:
                 grad_x = _grad_x(g_out, g_h, weight, a, positions, x_dtype).view(x_shape)
         grad_result = grad if need_result else None
@@ -430,7 +426,17 @@ def _grad_x(g_out: torch.Tensor, g_h: torch.Tensor, weight: torch.Tensor | None,
     return base.add_(lora.to(base.dtype))  # as autograd would sum the two rounded gradients
 
 
-def _grad_a(g_h: torch.Tensor, x_saved: list[torch.Tensor], recipe: Recipe | None,
+def stash_input(ctx, saved: list, x: torch.Tensor, recipe: Recipe | None) -> None:
+    """Append to `saved` what backward needs for dL/dA: a recipe's leaves (its program kept on
+    `ctx.recipe`, the tensors going through save_for_backward), or x itself when no recipe applies."""
+    if recipe is not None:
+        ctx.recipe = Recipe(recipe.program, (), recipe.scaled)
+        saved.extend(recipe.leaves)
+    else:
+        saved.append(x)
+
+
+def lora_grad_a(g_h: torch.Tensor, x_saved: list[torch.Tensor], recipe: Recipe | None,
             positions: torch.Tensor | None, in_features: int, dtype: torch.dtype) -> torch.Tensor:
     """dL/dA = g_h^T drop(x), (r, in), from the saved x or the recipe's leaves.
 

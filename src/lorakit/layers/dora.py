@@ -247,11 +247,7 @@ class DoraLinearFunction(torch.autograd.Function):
                  a if need_x else None, b if (need_x or need_a) else None,
                  weight if (need_x and (owned or p > 0)) else None, kept]
         if need_a:
-            if recipe is not None:
-                ctx.recipe = autograd.Recipe(recipe.program, (), recipe.scaled)  # leaves via save_for_backward
-                saved.extend(recipe.leaves)
-            else:
-                saved.append(x)
+            autograd.stash_input(ctx, saved, x, recipe)
         ctx.save_for_backward(*saved)
         return y
 
@@ -278,7 +274,7 @@ class DoraLinearFunction(torch.autograd.Function):
                 positions = kept.long() if kept is not None else autograd.drop_positions(
                     seed, g_h.shape[0] * in_features, p, g_h.device)
             if need_a:
-                grad_a = autograd._grad_a(g_h, x_saved, ctx.recipe, positions, in_features, dtype)
+                grad_a = autograd.lora_grad_a(g_h, x_saved, ctx.recipe, positions, in_features, dtype)
             if need_x:
                 dx = torch.mm(g_h, a)  # (N, in)
                 if p > 0:  # the rescaled base part read the dropped input too: + q W, dropped

@@ -28,6 +28,7 @@ from torch import nn
 from lorakit import dispatch
 from lorakit.config import LoraConfig
 from lorakit.layers import Linear, LoraLayer
+from lorakit.model import check_finite_merge
 from lorakit.quant.linear4bit import Linear4bit, quantize_model
 
 if TYPE_CHECKING:
@@ -258,10 +259,7 @@ def merge_and_dequantize(lora_model: LoraModel, adapter_names: list[str] | None 
         elif isinstance(module, LoraLayer):
             float_layers.append((path, module))
     if safe_merge:
-        for path, layer in float_layers:
-            present = [n for n in names if n in layer.adapters and n not in layer.merged_adapters]
-            if present and not torch.isfinite(layer.merged_weight(present)).all():
-                raise ValueError(f"safe_merge: merging {present} into {path} gives NaN or inf; nothing was merged")
+        check_finite_merge(float_layers, names)
     for _, layer in float_layers:
         layer.merge([n for n in names if n in layer.adapters])
     for path, linear in replacements.items():
