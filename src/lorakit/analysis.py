@@ -15,6 +15,7 @@ SVD, Eckart–Young) and saves it as a LoRA adapter of the base model.
 
 from __future__ import annotations
 
+import io as io_bytes
 import json as jsonlib
 import math
 import os
@@ -25,7 +26,7 @@ from typing import Any, Optional
 
 import torch
 
-from .io import KEY_PREFIX, PICKLE_WEIGHTS_NAME, WEIGHTS_NAME, read_adapter
+from .io import KEY_PREFIX, PICKLE_WEIGHTS_NAME, WEIGHTS_NAME, atomic_write, read_adapter
 
 # "base_model.model.<path>.lora_A.weight" (Linear, Conv), "<path>.lora_embedding_A" (Embedding)
 _FACTOR_KEY = re.compile(rf"^{re.escape(KEY_PREFIX)}(.+)\.lora_(embedding_)?([AB])(\.weight)?$")
@@ -287,9 +288,10 @@ def plot_spectra(layers: list[Spectrum], path: str, title: str = "singular value
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    png = io_bytes.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
     plt.close(fig)
+    atomic_write(Path(path), png.getvalue())
 
 
 # --- extract ------------------------------------------------------------------------------------

@@ -75,6 +75,7 @@ def demo(
         The figures: scores before and after, seconds per phase, peak memory.
     """
     from .hub import load_model_and_tokenizer
+    from .io import atomic_write
     from .model import PeftModel
     from .train import data, tasks
     from .train.loop import train
@@ -119,7 +120,7 @@ def demo(
         "eval_after_seconds": round(eval_after_s, 1), "total_seconds": round(total_s, 1),
         "peak_rss_gib": round(peak_rss_gib(), 2), "adapter": summary["adapter"],
     }
-    (out_dir / "demo_results.json").write_text(json.dumps(results, indent=2) + "\n")
+    atomic_write(out_dir / "demo_results.json", (json.dumps(results, indent=2) + "\n").encode())
     print("\n" + "=" * 78)
     print(f"exact match on {len(held_out)} held-out examples: before {100 * before_score.exact_match:.0f}%"
           f"  ->  after {100 * after_score.exact_match:.0f}%")

@@ -19,6 +19,7 @@ import resource
 from pathlib import Path
 from typing import Any, Literal
 
+from ..io import atomic_write
 from .loop import train
 
 COLUMNS = ("rank", "lora_alpha", "trainable_params", "final_train_loss", "final_val_loss", "best_val_loss",
@@ -107,12 +108,12 @@ def sweep(
     verdict = (f"recommended rank: {choice['rank']} (smallest rank whose best validation loss "
                f"{choice['best_val_loss']:.4f} is within {100 * tolerance:g}% of the lowest, "
                f"{min(r['best_val_loss'] for r in rows):.4f})")
-    (out_dir / "sweep.txt").write_text(table + "\n\n" + verdict + "\n")
+    atomic_write(out_dir / "sweep.txt", (table + "\n\n" + verdict + "\n").encode())
     buffer = _io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=COLUMNS)
     writer.writeheader()
     writer.writerows(rows)
-    (out_dir / "sweep.csv").write_text(buffer.getvalue())
+    atomic_write(out_dir / "sweep.csv", buffer.getvalue().encode())
     if plot:
         plot_sweep(out_dir, rows)
     print(table + "\n\n" + verdict)
@@ -148,7 +149,9 @@ def plot_sweep(out_dir: Path, rows: list[dict[str, Any]]) -> Path:
     finals.set(xlabel="rank", ylabel="final validation loss", title="final validation loss by rank")
     fig.tight_layout()
     path = out_dir / "sweep.png"
-    fig.savefig(path, dpi=100)
+    png = _io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
+    atomic_write(path, png.getvalue())
     plt.close(fig)
     return path
 
