@@ -85,10 +85,7 @@ def run(quick: bool, rounds: int, warmup: int, threads: int = 1, clock: str = "c
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a small model and few rounds")
-    parser.add_argument("--rounds", type=int, default=None, help="measured rounds (default 7, quick 3)")
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the machine is shared)")
-    parser.add_argument("--clock", choices=list(common.CLOCKS), default="cpu")
+    common.add_timing_args(parser, rounds=(7, 3), warmup=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     rows, _ = run(args.quick, args.rounds or (3 if args.quick else 7), args.warmup, args.threads, args.clock)

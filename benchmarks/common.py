@@ -263,3 +263,14 @@ def mib(n_bytes: float) -> str:
 
 def seconds(t: float) -> str:
     return f"{t * 1e3:.0f} ms" if t < 10 else f"{t:.1f} s"
+
+
+def add_timing_args(parser, rounds: tuple[int, int], warmup: int = 1) -> None:
+    """The flags every timed benchmark takes: --rounds (default rounds[0], rounds[1] with --quick),
+    --warmup, --threads and --clock."""
+    parser.add_argument("--rounds", type=int, default=None,
+                        help=f"measured rounds (default {rounds[0]}, quick {rounds[1]})")
+    parser.add_argument("--warmup", type=int, default=warmup)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the machine is shared)")
+    parser.add_argument("--clock", choices=list(CLOCKS), default="cpu",
+                        help="cpu: process CPU time (default); wall: elapsed time")

@@ -73,10 +73,7 @@ def run(quick: bool, rounds: int, warmup: int, threads: int = 1, clock: str = "c
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a small model and few rounds")
-    parser.add_argument("--rounds", type=int, default=None, help="measured rounds (default 10, quick 5)")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the machine is shared)")
-    parser.add_argument("--clock", choices=list(common.CLOCKS), default="cpu")
+    common.add_timing_args(parser, rounds=(10, 5), warmup=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     rows, _ = run(args.quick, args.rounds or (5 if args.quick else 10), args.warmup, args.threads, args.clock)

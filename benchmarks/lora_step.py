@@ -283,12 +283,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a small model and few rounds")
     parser.add_argument("--config", nargs="*", choices=list(BY_NAME), help="configurations (default: all)")
-    parser.add_argument("--rounds", type=int, default=None, help="measured rounds (default 5, quick 3)")
-    parser.add_argument("--warmup", type=int, default=1)
+    common.add_timing_args(parser, rounds=(5, 3), warmup=1)
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the machine is shared)")
-    parser.add_argument("--clock", choices=list(common.CLOCKS), default="cpu",
-                        help="cpu: process CPU time (default); wall: elapsed time")
     parser.add_argument("--child-memory", nargs=2, metavar=("CONFIG", "VARIANT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -275,12 +275,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing in every variant")
-    parser.add_argument("--rounds", type=int, default=None, help="measured rounds (default 4, quick 2)")
-    parser.add_argument("--warmup", type=int, default=1)
+    common.add_timing_args(parser, rounds=(4, 2), warmup=1)
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the machine is shared)")
-    parser.add_argument("--clock", choices=list(common.CLOCKS), default="cpu",
-                        help="cpu: process CPU time (default); wall: elapsed time")
     parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--quantized-dir", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
