@@ -26,7 +26,8 @@ from typing import Any, Optional
 
 import torch
 
-from .io import KEY_PREFIX, PICKLE_WEIGHTS_NAME, WEIGHTS_NAME, atomic_write, read_adapter
+from .files import atomic_write
+from .io import KEY_PREFIX, PICKLE_WEIGHTS_NAME, WEIGHTS_NAME, read_adapter
 
 # "base_model.model.<path>.lora_A.weight" (Linear, Conv), "<path>.lora_embedding_A" (Embedding)
 _FACTOR_KEY = re.compile(rf"^{re.escape(KEY_PREFIX)}(.+)\.lora_(embedding_)?([AB])(\.weight)?$")
@@ -347,7 +348,7 @@ def extract(base: str, tuned: str, r: int, out: str, target_modules: Optional[li
     from transformers import AutoModelForCausalLM
 
     from .config import LoraConfig
-    from .model import get_peft_model
+    from .peft_model import get_peft_model
     from .targeting import output_head_path
 
     if r < 1:

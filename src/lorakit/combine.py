@@ -336,7 +336,7 @@ def combine(
     """
     from .export import _load_base, staged_directory
     from .io import read_config
-    from .model import PeftModel
+    from .peft_model import PeftModel
 
     if not adapters:
         raise ValueError("no adapters given: pass comma-separated adapter folders")

@@ -8,16 +8,59 @@ on load with a warning.
 from __future__ import annotations
 
 import dataclasses
+import enum
+import json
+import os
 import re
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-PEFT_TYPE = "LORA"
+from .files import write_files
+
+CONFIG_NAME = "adapter_config.json"
+
+
+class TaskType(str, enum.Enum):
+    """PEFT's task labels. A member equals its string (``TaskType.CAUSAL_LM == "CAUSAL_LM"``)."""
+
+    SEQ_CLS = "SEQ_CLS"
+    SEQ_2_SEQ_LM = "SEQ_2_SEQ_LM"
+    CAUSAL_LM = "CAUSAL_LM"
+    TOKEN_CLS = "TOKEN_CLS"
+    QUESTION_ANS = "QUESTION_ANS"
+    FEATURE_EXTRACTION = "FEATURE_EXTRACTION"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class PeftType(str, enum.Enum):
+    """PEFT's method labels; lorakit implements LORA only (the others are named so that PEFT code
+    comparing against them reads the same)."""
+
+    LORA = "LORA"
+    PROMPT_TUNING = "PROMPT_TUNING"
+    P_TUNING = "P_TUNING"
+    PREFIX_TUNING = "PREFIX_TUNING"
+    ADALORA = "ADALORA"
+    IA3 = "IA3"
+    LOHA = "LOHA"
+    LOKR = "LOKR"
+    OFT = "OFT"
+    BOFT = "BOFT"
+    VERA = "VERA"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+PEFT_TYPE = PeftType.LORA.value
 BIAS_MODES = ("none", "all", "lora_only")
 INIT_MODES = (True, False, "gaussian", "pissa", "olora")  # and "pissa_niter_<K>" (K >= 1)
 _PISSA_NITER = re.compile(r"pissa_niter_[1-9][0-9]*")
-TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS", "SEQ_2_SEQ_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
+TASK_TYPES = tuple(t.value for t in TaskType)
 
 # Fields PEFT writes whose default value means "feature off"; a file may carry them harmlessly.
 # Any of them set to something else is a feature lorakit does not implement: refuse it.
@@ -49,8 +92,60 @@ class ConfigError(ValueError):
     """A LoraConfig field holds a value lorakit cannot use."""
 
 
+class AdapterLoadError(ValueError):
+    """An adapter directory cannot be loaded: the message names the file or keys and the cause."""
+
+
+class PeftConfig:
+    """PEFT's config base class: what every adapter config can do with a folder.
+
+        config = PeftConfig.from_pretrained("out/adapter")      # a LoraConfig
+        base = AutoModelForCausalLM.from_pretrained(config.base_model_name_or_path)
+
+    lorakit has one method, so every config is a `LoraConfig`; `isinstance(c, PeftConfig)` holds
+    for it, as in PEFT.
+    """
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, subfolder: str | None = None,
+                        **kwargs: Any) -> LoraConfig:
+        """Read `<folder>[/<subfolder>]/adapter_config.json` (strict, see `LoraConfig.from_dict`).
+
+        Args:
+            pretrained_model_name_or_path: A local adapter folder (lorakit never downloads).
+            subfolder: A folder inside it, as PEFT's `subfolder=` (e.g. another adapter's).
+            **kwargs: Fields to override after reading, or hub-only arguments (`revision`,
+                `token`, `cache_dir`, ...), which are refused when they would need the hub.
+
+        Raises:
+            AdapterLoadError: the folder or its config is missing or invalid, or it names a hub id.
+        """
+        folder = resolve_adapter_dir(pretrained_model_name_or_path, subfolder=subfolder, **_hub_kwargs(kwargs))
+        config = read_config(folder)
+        fields = {f.name for f in dataclasses.fields(config)}
+        overrides = {k: v for k, v in kwargs.items() if k in fields}
+        unknown = sorted(set(kwargs) - fields)
+        if unknown:
+            raise TypeError(f"PeftConfig.from_pretrained() got unexpected arguments {unknown}")
+        return dataclasses.replace(config, **overrides) if overrides else config
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        """Write `adapter_config.json` into `save_directory` (created if missing), atomically."""
+        write_files(Path(save_directory), {CONFIG_NAME: config_bytes(self)})
+
+
+# Arguments PEFT's loaders pass on to the hub; lorakit reads local folders only.
+HUB_ARGUMENTS = ("revision", "token", "use_auth_token", "cache_dir", "force_download", "proxies",
+                 "local_files_only", "resume_download", "trust_remote_code")
+
+
+def _hub_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Pop the hub-only arguments out of `kwargs` and return them."""
+    return {k: kwargs.pop(k) for k in HUB_ARGUMENTS if k in kwargs}
+
+
 @dataclass
-class LoraConfig:
+class LoraConfig(PeftConfig):
     """Settings of one LoRA adapter (PEFT's names and defaults).
 
     Args:
@@ -120,6 +215,10 @@ class LoraConfig:
     peft_type: str = PEFT_TYPE
 
     def __post_init__(self) -> None:
+        if isinstance(self.task_type, enum.Enum):  # TaskType members are stored as their plain string
+            self.task_type = self.task_type.value
+        if isinstance(self.peft_type, enum.Enum):
+            self.peft_type = self.peft_type.value
         if isinstance(self.target_modules, (set, tuple)):
             self.target_modules = sorted(self.target_modules)
         if isinstance(self.exclude_modules, (set, tuple)):
@@ -266,3 +365,63 @@ def _check_rank(name: str, value: Any) -> None:
 def _check_alpha(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
         raise ConfigError(f"{name} must be a number > 0, got {value!r}")
+
+
+# --- adapter_config.json on disk ---------------------------------------------------------------
+
+def config_bytes(config: LoraConfig, inference_mode: bool | None = None) -> bytes:
+    """`adapter_config.json`'s bytes: every field, sorted keys, indent 2 (optionally with
+    `inference_mode` overridden: a saved adapter is for inference until loaded trainable)."""
+    data = config.to_dict()
+    if inference_mode is not None:
+        data["inference_mode"] = inference_mode
+    return (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
+
+
+def resolve_adapter_dir(model_id: str | os.PathLike, subfolder: str | None = None, **hub_kwargs: Any) -> Path:
+    """The local adapter folder for PEFT's `model_id` (+ `subfolder`); lorakit never downloads.
+
+    Hub-only arguments (`revision`, `token`, ...) are accepted and ignored for a local folder.
+
+    Raises:
+        AdapterLoadError: the folder does not exist; for a name that looks like a hub id (or with
+            hub arguments) the message says lorakit works offline and how to get the folder.
+        TypeError: an argument that is not one of `HUB_ARGUMENTS`.
+    """
+    unknown = sorted(set(hub_kwargs) - set(HUB_ARGUMENTS))
+    if unknown:
+        raise TypeError(f"unexpected arguments {unknown}")
+    folder = Path(model_id).expanduser()
+    if subfolder:
+        folder = folder / subfolder
+    if folder.is_dir():
+        return folder
+    given = sorted(k for k, v in hub_kwargs.items() if v not in (None, False))
+    if re.fullmatch(r"[\w.\-]+/[\w.\-]+", str(model_id)) or given:
+        revision = f" --revision {hub_kwargs['revision']}" if hub_kwargs.get("revision") else ""
+        raise AdapterLoadError(
+            f"adapter {str(folder)!r} is not a local folder{' (given ' + ', '.join(given) + ')' if given else ''}: "
+            "lorakit loads adapters from local folders only and never contacts the Hugging Face Hub; "
+            f"download it first (e.g. `hf download {model_id}{revision} --local-dir ./adapter`) and pass that folder")
+    raise AdapterLoadError(f"adapter directory {str(folder)!r} does not exist")
+
+
+def read_config(directory: str | os.PathLike) -> LoraConfig:
+    """Parse and validate `<directory>/adapter_config.json`.
+
+    Raises:
+        AdapterLoadError: missing, not JSON, or not a valid LoRA config.
+    """
+    path = Path(directory) / CONFIG_NAME
+    if not Path(directory).is_dir():
+        raise AdapterLoadError(f"adapter directory {str(directory)!r} does not exist")
+    if not path.is_file():
+        raise AdapterLoadError(f"{path} is missing: not an adapter directory")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise AdapterLoadError(f"{path} is not valid JSON: {err}") from err
+    try:
+        return LoraConfig.from_dict(data)
+    except ConfigError as err:
+        raise AdapterLoadError(f"{path}: {err}") from err

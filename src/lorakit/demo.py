@@ -75,8 +75,8 @@ def demo(
         The figures: scores before and after, seconds per phase, peak memory.
     """
     from .hub import load_model_and_tokenizer
-    from .io import atomic_write
-    from .model import PeftModel
+    from .files import atomic_write
+    from .peft_model import PeftModel
     from .train import data, tasks
     from .train.loop import train
 

@@ -157,7 +157,7 @@ def merge(
             safe_merge, out not writable as asked, or no base model to merge into.
     """
     from lorakit.io import read_config
-    from lorakit.model import PeftModel
+    from lorakit.peft_model import PeftModel
 
     config = read_config(adapter)
     base = base or config.base_model_name_or_path

@@ -42,7 +42,7 @@ def generate(
     from transformers import TextStreamer
 
     from .hub import load_model_and_tokenizer
-    from .model import PeftModel
+    from .peft_model import PeftModel
 
     torch.manual_seed(seed)
     base, tokenizer = load_model_and_tokenizer(model, dtype=torch.bfloat16 if dtype == "bf16" else torch.float32)

@@ -2,6 +2,10 @@
 
     <dir>/adapter_config.json         LoraConfig.to_dict(), sorted keys, indent 2
     <dir>/adapter_model.safetensors   metadata {"format": "pt"}
+    <dir>/README.md                   the model card (`lorakit.model_card`), unless the user wrote one
+
+A new folder is written whole under a temporary name and renamed into place; into an existing
+folder each file is written to a temporary name and renamed. Files get the user's umask.
 
 A file key is the parameter's path in the wrapped model with the adapter name removed, under
 `base_model.model.`:
@@ -15,10 +19,8 @@ the first one is copied into the model.
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -27,20 +29,17 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
-from .config import ConfigError, LoraConfig
+from .config import CONFIG_NAME, AdapterLoadError, LoraConfig, config_bytes, read_config, resolve_adapter_dir
+from .files import atomic_write, write_files
+from .model_card import CARD_MARKER, CARD_NAME, model_card
 
 if TYPE_CHECKING:
     from .model import LoraModel
 
-CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_WEIGHTS_NAME = "adapter_model.bin"
 KEY_PREFIX = "base_model.model."
 DEFAULT_ADAPTER = "default"
-
-
-class AdapterLoadError(ValueError):
-    """An adapter directory cannot be loaded: the message names the file or keys and the cause."""
 
 
 # --- naming --------------------------------------------------------------------------------------
@@ -106,38 +105,38 @@ def nonfinite_keys(tensors: dict[str, torch.Tensor]) -> list[str]:
 
 # --- writing -------------------------------------------------------------------------------------
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write `data` to `path` through a temporary file in the same folder and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def adapter_tensors(lora_model: LoraModel, adapter_name: str,
+                    state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The tensors `save_adapter` writes, under their file keys (detached, contiguous, on CPU).
 
+    `state` is a state dict of the user's model to read them from (e.g. gathered from shards);
+    default: the model's own.
 
-def adapter_tensors(lora_model: LoraModel, adapter_name: str) -> dict[str, torch.Tensor]:
-    """The tensors `save_adapter` writes, under their file keys (detached, contiguous, on CPU)."""
+    Raises:
+        AdapterLoadError: `state` lacks some of the adapter's tensors.
+    """
     required, optional = key_map(lora_model, adapter_name)
-    state = lora_model.model.state_dict()
+    if state is None:
+        state = lora_model.model.state_dict()
+    else:
+        missing = sorted(v for v in required.values() if v not in state)
+        if missing:
+            raise AdapterLoadError(f"the state dict given lacks {len(missing)} of adapter {adapter_name!r}'s "
+                                   f"tensors: {_few(missing)}")
     bias_keys = {k: v for k, v in optional.items() if v.endswith("bias")}
     return {file_key: state[state_key].detach().to("cpu").contiguous().clone()
-            for file_key, state_key in {**required, **bias_keys}.items()}
+            for file_key, state_key in {**required, **bias_keys}.items() if state_key in state}
 
 
-def save_adapter(lora_model: LoraModel, save_directory: str | os.PathLike, adapter_name: str) -> Path:
-    """Write one adapter's config and weights; returns the folder written.
+def save_adapter(lora_model: LoraModel, save_directory: str | os.PathLike, adapter_name: str,
+                 state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write one adapter's config, weights and model card; returns the folder written.
 
     Raises:
         ValueError: the adapter holds NaN or inf (nothing is written).
     """
     out = adapter_dir(save_directory, adapter_name)
-    write_adapter(out, lora_model.peft_config[adapter_name], adapter_tensors(lora_model, adapter_name),
+    write_adapter(out, lora_model.peft_config[adapter_name], adapter_tensors(lora_model, adapter_name, state),
                   what=f"adapter {adapter_name!r}")
     return out
 
@@ -158,35 +157,16 @@ def write_adapter(directory: str | os.PathLike, config: LoraConfig, tensors: dic
     bad = nonfinite_keys(tensors)
     if bad:
         raise ValueError(f"{what} holds NaN or inf in {bad[:5]}; not saving it")
-    data = config.to_dict()
-    data["inference_mode"] = True
     out = Path(directory)
-    atomic_write(out / WEIGHTS_NAME, safetensors_bytes(tensors, metadata={"format": "pt"}))
-    atomic_write(out / CONFIG_NAME, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
+    files = {WEIGHTS_NAME: safetensors_bytes(tensors, metadata={"format": "pt"})}
+    card = out / CARD_NAME
+    if not card.exists() or CARD_MARKER in card.read_text(errors="replace"):  # never the user's own README
+        files[CARD_NAME] = model_card(config, folder_name=str(out)).encode()
+    files[CONFIG_NAME] = config_bytes(config, inference_mode=True)  # last: a config means a complete folder
+    write_files(out, files)
 
 
 # --- reading -------------------------------------------------------------------------------------
-
-def read_config(directory: str | os.PathLike) -> LoraConfig:
-    """Parse and validate `<directory>/adapter_config.json`.
-
-    Raises:
-        AdapterLoadError: missing, not JSON, or not a valid LoRA config.
-    """
-    path = Path(directory) / CONFIG_NAME
-    if not Path(directory).is_dir():
-        raise AdapterLoadError(f"adapter directory {str(directory)!r} does not exist")
-    if not path.is_file():
-        raise AdapterLoadError(f"{path} is missing: not an adapter directory")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise AdapterLoadError(f"{path} is not valid JSON: {err}") from err
-    try:
-        return LoraConfig.from_dict(data)
-    except ConfigError as err:
-        raise AdapterLoadError(f"{path}: {err}") from err
-
 
 def read_adapter(directory: str | os.PathLike, allow_pickle: bool = False) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
     """Read an adapter directory into memory and check it on its own (no model involved).

@@ -187,7 +187,7 @@ def count_parameters(config, r: int = 8, target_modules: list[str] | str | None 
     from transformers import AutoModelForCausalLM
 
     from .config import LoraConfig
-    from .model import get_peft_model
+    from .peft_model import get_peft_model
     from .targeting import output_head_path
 
     try:

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import re
+import sys
+import uuid
 import warnings
 from collections.abc import Iterator
 
@@ -22,8 +25,46 @@ from . import dispatch, io
 from .config import LoraConfig
 from .layers import BASE_ADAPTER, AdapterRouting, AdapterSpec, LoraLayer, ModulesToSave
 from .layers import init as weight_init
-from .targeting import select_modules_to_save, select_targets
+from .targeting import ALL_LINEAR, resolve_target_modules, select_modules_to_save, select_targets
 _ADAPTER_NAME = re.compile(r"[A-Za-z0-9_\-]+")
+
+# PEFT 0.21's words when a model that already holds adapters is wrapped again (emitted the same way,
+# so code and tests written against PEFT see the same warnings).
+SECOND_INJECTION_WARNING = ("You are trying to modify a model with PEFT for a second time. If you want to reload the "
+                            "model with a different config, make sure to call `.unload()` before.")
+SECOND_WRAPPER_WARNING = ("Already found a `peft_config` attribute in the model. This will lead to having multiple "
+                          "adapters in the model. Make sure to know what you are doing!")
+
+
+def warn_user(message: str) -> None:
+    """Warn, attributing the warning to the first caller outside lorakit (the user's line)."""
+    package = os.path.dirname(__file__)
+    frame, level = sys._getframe(1), 2
+    while frame is not None and frame.f_code.co_filename.startswith(package):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, UserWarning, stacklevel=level)
+
+
+def holds_adapters(model: nn.Module) -> bool:
+    """Whether any module of `model` is a lorakit wrapper (LoRA layer or modules_to_save copy)."""
+    return any(isinstance(m, (LoraLayer, ModulesToSave)) for m in model.modules())
+
+
+def base_model_name(model: nn.Module) -> str | None:
+    """The name or path the user loaded `model` from, as they gave it (None for a model built from
+    a config): what an adapter records as `base_model_name_or_path`."""
+    name = model.__dict__.get("name_or_path") or getattr(getattr(model, "config", None), "name_or_path", None)
+    return str(name) if name else None
+
+
+def shared_registry(model: nn.Module) -> dict[str, LoraConfig] | None:
+    """The adapter registry an earlier LoraModel left on `model` (`model.peft_config`), if the model
+    still holds its adapters; None otherwise (including a registry of another library's configs)."""
+    registry = model.__dict__.get("peft_config")
+    if (isinstance(registry, dict) and registry and all(isinstance(c, LoraConfig) for c in registry.values())
+            and holds_adapters(model)):
+        return registry
+    return None
 
 
 def check_adapter_name(name: str) -> None:
@@ -52,19 +93,42 @@ def check_finite_merge(layers: list[tuple[str, LoraLayer]], names: list[str]) ->
 class LoraModel(nn.Module):
     """Holds the user's model and the adapters injected into it.
 
+    The adapter registry (`peft_config`: name -> LoraConfig) lives with the user's model, as
+    PEFT keeps it (`model.peft_config`): a second LoraModel over a model that already holds
+    adapters (a second `get_peft_model` on the same base, as notebooks and rank sweeps do) shares
+    that registry, so every wrapper agrees with the layers on which adapters exist. Giving it a
+    config under a name that exists replaces that adapter whole (with a warning), as PEFT does.
+
     Args:
         model: Any torch module; `transformers` models get architecture defaults.
-        config: The first adapter's config.
+        config: The first adapter's config; None wraps the adapters the model already holds.
         adapter_name: Its name. Default "default".
+        low_cpu_mem_usage: Create the factors on the meta device (a file fills them next).
+        tensors: The adapter's weights, file-keyed (`io.read_adapter`): the adapter is loaded
+            from them (`add_adapter_from_tensors`). `source` names them in errors.
     """
 
-    def __init__(self, model: nn.Module, config: LoraConfig, adapter_name: str = "default",
-                 low_cpu_mem_usage: bool = False) -> None:
+    def __init__(self, model: nn.Module, config: LoraConfig | None, adapter_name: str = "default",
+                 low_cpu_mem_usage: bool = False, tensors: dict[str, torch.Tensor] | None = None,
+                 source: str = "") -> None:
         super().__init__()
         self.model = model
-        self.peft_config: dict[str, LoraConfig] = {}
+        registry = shared_registry(model)
+        if registry is not None and config is not None:
+            warn_user(SECOND_WRAPPER_WARNING)
+        self.peft_config: dict[str, LoraConfig] = registry if registry is not None else {}
         self.active_adapter = adapter_name
-        self.add_adapter(adapter_name, config, low_cpu_mem_usage=low_cpu_mem_usage)  # also makes it active
+        if config is not None:
+            if adapter_name in self.peft_config:
+                self.replace_adapter(adapter_name, config, low_cpu_mem_usage=low_cpu_mem_usage, tensors=tensors,
+                                     source=source)
+            elif tensors is not None:
+                self.add_adapter_from_tensors(adapter_name, config, tensors, source=source)
+            else:
+                self.add_adapter(adapter_name, config, low_cpu_mem_usage=low_cpu_mem_usage)  # also makes it active
+        elif adapter_name not in self.peft_config:
+            raise KeyError(f"no adapter named {adapter_name!r} on this model; adapters: {sorted(self.peft_config)}")
+        model.peft_config = self.peft_config
 
     def __getattr__(self, name: str):
         try:
@@ -115,18 +179,23 @@ class LoraModel(nn.Module):
         check_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
             raise ValueError(f"an adapter named {adapter_name!r} already exists")
-        if config.base_model_name_or_path is None:
-            name_or_path = getattr(getattr(self.model, "config", None), "name_or_path", None) or None
-            config = dataclasses.replace(config, base_model_name_or_path=name_or_path)
+        config = self._resolved_config(config)
         targets = select_targets(self.model, config)
         saved = select_modules_to_save(self.model, config)
+        stale = [p for p in targets + saved if adapter_name in getattr(self.model.get_submodule(p), "adapters", ())]
+        if stale:
+            raise ValueError(f"adapter {adapter_name!r} already exists in {len(stale)} layers (e.g. {stale[0]}) but "
+                             "not in this model's registry; remove it (remove_adapter) or pick another name")
+        created: list[tuple[str, nn.Module]] = []   # (path, original module) of each wrapper made here
+        touched: list[LoraLayer | ModulesToSave] = []  # wrappers the adapter was added to
         try:
             planned = []
             for path in targets:
                 layer = self.model.get_submodule(path)
                 if not isinstance(layer, LoraLayer):
-                    layer = dispatch.wrap(layer, config)
+                    original, layer = layer, dispatch.wrap(layer, config)
                     self._replace(path, layer)
+                    created.append((path, original))
                 spec = AdapterSpec(r=config.rank_for(path), alpha=config.alpha_for(path), dropout=config.lora_dropout,
                                    use_rslora=config.use_rslora, lora_bias=config.lora_bias,
                                    use_dora=config.use_dora)
@@ -145,20 +214,79 @@ class LoraModel(nn.Module):
                         raise ValueError(f"{path}: {err}") from None
             skip_init = low_cpu_mem_usage and not weight_init.rewrites_base_weight(config.init_lora_weights)
             for path, layer, spec in planned:
+                touched.append(layer)
                 layer.add_adapter(adapter_name, spec, init=None if skip_init else config.init_lora_weights)
                 layer.train(layer.base_layer.training)  # new modules follow the model's train/eval mode
             for path in saved:
                 module = self.model.get_submodule(path)
                 if not isinstance(module, ModulesToSave):
-                    module = ModulesToSave(module)
+                    original, module = module, ModulesToSave(module)
                     self._replace(path, module)
+                    created.append((path, original))
+                touched.append(module)
                 module.add_adapter(adapter_name)
                 module.train(module.original_module.training)
-        except Exception:
-            self._remove_everywhere(adapter_name)
+        except BaseException:
+            # undo exactly what this call did: other adapters (of this or another wrapper) are untouched
+            for wrapper in touched:
+                wrapper.delete_adapter(adapter_name)
+            for path, original in reversed(created):
+                self._replace(path, original)
             raise
         self.peft_config[adapter_name] = config
         self.set_adapter(self.active_adapter if self.active_adapter in self.peft_config else adapter_name)
+
+    def replace_adapter(self, adapter_name: str, config: LoraConfig, low_cpu_mem_usage: bool = False,
+                        tensors: dict[str, torch.Tensor] | None = None, source: str = "") -> None:
+        """Replace adapter `adapter_name` by a fresh one with `config` (loaded from `tensors` when
+        given), whole, or change nothing.
+
+        The new adapter is injected under a temporary name first (any failure there is rolled
+        back exactly and the old adapter was never touched); only then is the old one removed
+        from every layer and the new one renamed. What `get_peft_model` does for a name that
+        exists (PEFT overwrites such an adapter in place, layer by layer, and may leave the old
+        one's layers that the new config does not target).
+
+        Raises:
+            KeyError: no such adapter.
+            ValueError: it is merged into the base weights; or as for `add_adapter`.
+        """
+        self._check_exists(adapter_name)
+        if any(adapter_name in layer.merged_adapters for _, layer in self.lora_layers()):
+            raise ValueError(f"adapter {adapter_name!r} is merged; unmerge_adapter() before replacing it")
+        warn_user(f"adapter {adapter_name!r} already exists on this model: replacing it by a new one "
+                  f"(r={config.r}). Every PeftModel over this model now runs the new adapter; save the old "
+                  "one first if you need it (save_pretrained), and use another adapter_name to keep both")
+        staging = f"{adapter_name}-replacing-{uuid.uuid4().hex[:8]}"
+        active = self.active_adapter
+        if tensors is not None:
+            self.add_adapter_from_tensors(staging, config, tensors, source=source)
+        else:
+            self.add_adapter(staging, config, low_cpu_mem_usage=low_cpu_mem_usage)
+        # from here on nothing can fail: drop the old adapter, give the new one its name
+        self._remove_everywhere(adapter_name)
+        for _, wrapper in self._wrappers():
+            if staging in wrapper.adapters:
+                wrapper.rename_adapter(staging, adapter_name)
+        new_config = self.peft_config.pop(staging)
+        renamed = {name: (new_config if name == adapter_name else c) for name, c in self.peft_config.items()}
+        self.peft_config.clear()
+        self.peft_config.update(renamed)  # the same dict object: other wrappers share it
+        self.set_adapter(active if active in self.peft_config else adapter_name)
+
+    def _resolved_config(self, config: LoraConfig) -> LoraConfig:
+        """`config` as saved: the base model's name filled in, and target_modules None or "all-linear"
+        made concrete (the architecture's default names, or the path of every module adapted), as
+        PEFT saves them."""
+        changes = {}
+        if config.base_model_name_or_path is None:
+            changes["base_model_name_or_path"] = base_model_name(self.model)
+        targets = config.target_modules
+        if targets is None:
+            changes["target_modules"] = sorted(resolve_target_modules(self.model, config))
+        elif isinstance(targets, str) and targets.lower() == ALL_LINEAR:
+            changes["target_modules"] = select_targets(self.model, config)
+        return dataclasses.replace(config, **changes) if changes else config
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove an adapter's weights from every layer.
@@ -204,13 +332,25 @@ class LoraModel(nn.Module):
             AdapterLoadError: the tensors do not fit (named keys and shapes).
             ValueError, TargetError: as for `add_adapter`.
         """
+        flags = self.trainable_flags()
         self.add_adapter(adapter_name, config, low_cpu_mem_usage=True)  # the tensors fill the factors
         try:
             io.load_weights(self, adapter_name, tensors, source=source)
-        except Exception:
+        except BaseException:
             self._remove_everywhere(adapter_name)
             del self.peft_config[adapter_name]
+            self.restore_trainable_flags(flags)
             raise
+
+    def trainable_flags(self) -> dict[int, bool]:
+        """`requires_grad` of every parameter of the model, by identity (see `restore_trainable_flags`)."""
+        return {id(p): p.requires_grad for p in self.model.parameters()}
+
+    def restore_trainable_flags(self, flags: dict[int, bool]) -> None:
+        """Put back `requires_grad` as `trainable_flags()` recorded it (parameters added since keep theirs)."""
+        for p in self.model.parameters():
+            if id(p) in flags:
+                p.requires_grad_(flags[id(p)])
 
     def _remove_everywhere(self, adapter_name: str) -> None:
         """Drop an adapter from every wrapper and unwrap wrappers left with none (rollback-safe)."""
@@ -353,6 +493,7 @@ class LoraModel(nn.Module):
                 active = wrapper.active_adapter
                 self._replace(path, wrapper.modules_to_save[active] if active else wrapper.original_module)
         self.peft_config.clear()
+        self.model.__dict__.pop("peft_config", None)  # the plain model again, as PEFT leaves it
         return self.model
 
     @contextlib.contextmanager
@@ -396,195 +537,3 @@ class LoraModel(nn.Module):
                 wrapper.disabled = False
             for path, names in merged.items():
                 self.model.get_submodule(path).merge(names)
-
-
-class PeftModel(nn.Module):
-    """The model users hold: a `LoraModel` plus files, counting and generation.
-
-    Methods of `LoraModel` (merge_adapter, unmerge_adapter, merge_and_unload, unload,
-    disable_adapter, set_adapter, delete_adapter, add_weighted_adapter, lora_layers) and
-    attributes of the user's model (config, ...) are reached through this object too.
-
-    Args:
-        model: The base model.
-        peft_config: The first adapter's config.
-        adapter_name: Its name. Default "default".
-    """
-
-    def __init__(self, model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default",
-                 low_cpu_mem_usage: bool = False) -> None:
-        super().__init__()
-        self.base_model = LoraModel(model, peft_config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "base_model":
-                raise
-            return getattr(self.base_model, name)
-
-    @property
-    def peft_config(self) -> dict[str, LoraConfig]:
-        return self.base_model.peft_config
-
-    @property
-    def active_adapter(self) -> str:
-        return self.base_model.active_adapter
-
-    def get_base_model(self) -> nn.Module:
-        return self.base_model.model
-
-    def forward(self, *args, adapter_names: list[str] | None = None, **kwargs):
-        """The model's forward; `adapter_names` (one per row, or "__base__") mixes adapters in a batch."""
-        if adapter_names is None:
-            return self.base_model.model(*args, **kwargs)
-        self._check_batch(adapter_names, args, kwargs)
-        with self.base_model.mixed_batch(adapter_names):
-            return self.base_model.model(*args, **kwargs)
-
-    def generate(self, *args, adapter_names: list[str] | None = None, **kwargs):
-        """transformers' generate; `adapter_names` as in forward."""
-        if adapter_names is None:
-            return self.base_model.model.generate(*args, **kwargs)
-        self._check_batch(adapter_names, args, kwargs)
-        with self.base_model.mixed_batch(adapter_names):
-            return self.base_model.model.generate(*args, **kwargs)
-
-    @staticmethod
-    def _check_batch(adapter_names: list[str], args: tuple, kwargs: dict) -> None:
-        first = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
-        if isinstance(first, torch.Tensor) and first.shape[0] != len(adapter_names):
-            raise ValueError(f"adapter_names has {len(adapter_names)} entries but the batch has {first.shape[0]} rows")
-
-    def add_adapter(self, adapter_name: str, peft_config: LoraConfig) -> None:
-        """Add a new, inactive adapter (see `LoraModel.add_adapter`)."""
-        self.base_model.add_adapter(adapter_name, peft_config)
-
-    # --- counting ------------------------------------------------------------------------------
-
-    def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        """(trainable, total) parameter counts; works on a meta-device model.
-
-        4-bit layers count their weight's logical size (in_features * out_features), as PEFT
-        counts bitsandbytes' packed weights.
-        """
-        trainable = total = 0
-        for p in self.parameters():
-            total += p.numel()
-            if p.requires_grad:
-                trainable += p.numel()
-        for module in self.modules():
-            total += getattr(module, "quantized_numel", 0)
-        return trainable, total
-
-    def print_trainable_parameters(self) -> None:
-        """Print PEFT's line: `trainable params: N || all params: M || trainable%: P`."""
-        trainable, total = self.get_nb_trainable_parameters()
-        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
-
-    # --- files -----------------------------------------------------------------------------------
-
-    def save_pretrained(self, save_directory: str, selected_adapters: list[str] | None = None,
-                        path_initial_model_for_weight_conversion: str | None = None) -> None:
-        """Write each adapter as PEFT does: "default" in `save_directory`, others in a subfolder.
-
-        Each file is written to a temporary name and renamed, so a crash leaves either the old
-        file or the new one.
-
-        Args:
-            save_directory: Folder to write into (created if missing).
-            selected_adapters: Adapters to write. Default: all.
-            path_initial_model_for_weight_conversion: For an adapter trained from a PiSSA/OLoRA
-                init: the folder where that adapter was saved right after `get_peft_model`, before
-                training. Each selected adapter is then written converted to a plain LoRA adapter
-                for the ORIGINAL base (rank 2r: A' = [A; A0], B' = [B, -B0], PEFT's conversion; see
-                `lorakit.convert`). The initial folder is only read (PEFT also rewrites its config).
-
-        Raises:
-            KeyError: an unknown adapter name.
-            ValueError: an adapter holds NaN or inf (nothing written for it).
-            AdapterLoadError, ConversionError: with path_initial_model_for_weight_conversion, the
-                initial adapter is unreadable or does not match the trained one.
-        """
-        names = selected_adapters or list(self.peft_config)
-        for name in names:
-            self.base_model._check_exists(name)
-        if path_initial_model_for_weight_conversion is None:
-            for name in names:
-                io.save_adapter(self.base_model, save_directory, name)
-            return
-        from .convert import converted_adapter
-
-        initial = io.read_adapter(path_initial_model_for_weight_conversion)
-        for name in names:
-            config, tensors = converted_adapter(self.peft_config[name], io.adapter_tensors(self.base_model, name),
-                                                *initial, source=str(path_initial_model_for_weight_conversion))
-            io.write_adapter(io.adapter_dir(save_directory, name), config, tensors, what=f"adapter {name!r}")
-
-    @classmethod
-    def from_pretrained(cls, model: nn.Module, model_id: str, adapter_name: str = "default",
-                        is_trainable: bool = False, allow_pickle: bool = False) -> PeftModel:
-        """Load an adapter directory onto `model`.
-
-        Args:
-            model: The base model (modified in place: its target layers are wrapped).
-            model_id: Directory holding adapter_config.json and adapter_model.safetensors.
-            adapter_name: Name to give the adapter. Default "default".
-            is_trainable: Keep the adapter trainable; otherwise it is frozen (inference mode).
-            allow_pickle: Accept a pickled adapter_model.bin (loaded with weights_only=True).
-
-        Raises:
-            AdapterLoadError: the files are missing, malformed, or do not fit the model; the
-                model is then left exactly as it was.
-        """
-        config, tensors = io.read_adapter(model_id, allow_pickle=allow_pickle)
-        config = dataclasses.replace(config, inference_mode=not is_trainable)
-        peft_model = cls(model, config, adapter_name, low_cpu_mem_usage=True)  # the file fills the factors
-        try:
-            io.load_weights(peft_model.base_model, adapter_name, tensors, source=model_id)
-        except Exception:
-            peft_model.base_model.remove_adapter(adapter_name)  # unwrap: the model is as it was
-            raise
-        return peft_model
-
-    def load_adapter(self, model_id: str, adapter_name: str, is_trainable: bool = False,
-                     allow_pickle: bool = False) -> None:
-        """Load another adapter directory under `adapter_name` (not made active).
-
-        Raises:
-            AdapterLoadError: as for `from_pretrained`; the model keeps its other adapters as they were.
-            ValueError: the name is invalid or taken.
-        """
-        config, tensors = io.read_adapter(model_id, allow_pickle=allow_pickle)
-        config = dataclasses.replace(config, inference_mode=not is_trainable)
-        self.base_model.add_adapter_from_tensors(adapter_name, config, tensors, source=model_id)
-
-
-def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default",
-                   quantize: str | None = None, double_quant: bool = False,
-                   compute_dtype: torch.dtype | None = None) -> PeftModel:
-    """Wrap `model` with a fresh LoRA adapter: target layers wrapped, everything else frozen.
-
-        peft_model = get_peft_model(base, config, quantize="nf4")   # QLoRA
-
-    Args:
-        model: The base model (modified in place).
-        peft_config: The adapter's config.
-        adapter_name: Its name. Default "default".
-        quantize: "nf4" first replaces every `nn.Linear` except the output head (and modules
-            trained in full) by a frozen 4-bit `lorakit.quant.Linear4bit`. Default None.
-        double_quant: With `quantize`, 8-bit quantize the NF4 scales too. Default False.
-        compute_dtype: With `quantize`, the 4-bit layers' matmul dtype; None (default) uses
-            each input's dtype.
-
-    Raises:
-        ConfigError, TargetError, TypeError: see `LoraConfig` and `LoraModel.add_adapter`
-            (a TargetError is raised before anything is quantized).
-        ValueError: an unknown `quantize` method.
-    """
-    if quantize is not None:
-        from .quant.lora import quantize_for_lora
-
-        quantize_for_lora(model, peft_config, quantize, double_quant=double_quant, compute_dtype=compute_dtype)
-    return PeftModel(model, peft_config, adapter_name)

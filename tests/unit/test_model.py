@@ -119,7 +119,7 @@ def test_save_and_reload_after_reseed_is_identical(tmp_path, ids):
     model = get_peft_model(tiny_llama(), random_adapter())
     expected = logits(model, ids)
     model.save_pretrained(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["r"] == 4 and config["inference_mode"] is True
     keys = load_file(tmp_path / "adapter_model.safetensors")
@@ -313,15 +313,15 @@ def test_saving_leaves_no_temporary_files_and_replaces_atomically(tmp_path, monk
     model = get_peft_model(tiny_llama(), random_adapter())
     model.save_pretrained(tmp_path)
     original = (tmp_path / "adapter_model.safetensors").read_bytes()
-    import lorakit.io as lio
+    import lorakit.files as files
 
     def crash(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(lio.os, "replace", crash)
+    monkeypatch.setattr(files.os, "replace", crash)
     with torch.no_grad():
         model.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"].weight.add_(1)
     with pytest.raises(OSError, match="disk full"):
         model.save_pretrained(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
     assert (tmp_path / "adapter_model.safetensors").read_bytes() == original

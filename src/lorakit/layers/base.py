@@ -169,6 +169,18 @@ class LoraLayer(nn.Module):
         self.adapters.pop(name, None)
         self.active_adapters = [a for a in self.active_adapters if a != name]
 
+    def rename_adapter(self, old: str, new: str) -> None:
+        """Give adapter `old` the name `new` (a free name): its factors, record and flags move over."""
+        if new in self.adapters:
+            raise ValueError(f"adapter {new!r} already exists in this layer")
+        for attr in self.factor_names:
+            container = getattr(self, attr)
+            if old in container:
+                container[new] = container.pop(old)
+        self.adapters = {new if n == old else n: spec for n, spec in self.adapters.items()}
+        self.active_adapters = [new if n == old else n for n in self.active_adapters]
+        self.merged_adapters = [new if n == old else n for n in self.merged_adapters]
+
     def set_active(self, names: list[str]) -> None:
         self.active_adapters = [n for n in names if n in self.adapters]
 

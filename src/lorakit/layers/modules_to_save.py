@@ -37,6 +37,15 @@ class ModulesToSave(nn.Module):
         if self.active_adapter == name:
             self.active_adapter = None
 
+    def rename_adapter(self, old: str, new: str) -> None:
+        """Give adapter `old`'s copy the name `new` (a free name)."""
+        if new in self.modules_to_save:
+            raise ValueError(f"adapter {new!r} already has a copy of this module")
+        if old in self.modules_to_save:
+            self.modules_to_save[new] = self.modules_to_save.pop(old)
+        if self.active_adapter == old:
+            self.active_adapter = new
+
     def set_active(self, names: list[str]) -> None:
         active = [n for n in names if n in self.modules_to_save]
         self.active_adapter = active[0] if active else None

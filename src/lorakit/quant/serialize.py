@@ -54,7 +54,8 @@ def _dtype_name(dtype: torch.dtype | None) -> str | None:
 
 def _base_module(model: nn.Module) -> nn.Module:
     """The user's model inside a PeftModel / LoraModel, or `model` itself."""
-    from lorakit.model import LoraModel, PeftModel
+    from lorakit.model import LoraModel
+    from lorakit.peft_model import PeftModel
 
     if isinstance(model, PeftModel):
         model = model.base_model

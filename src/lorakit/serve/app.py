@@ -27,8 +27,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from ..io import AdapterLoadError
-from ..model import PeftModel
+from ..config import AdapterLoadError
+from ..peft_model import PeftModel
 from .engine import Engine, Output, OutputStream, SamplingParams
 from .registry import (
     AdapterInUseError,

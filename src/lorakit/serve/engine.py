@@ -51,7 +51,7 @@ from torch import nn
 from .. import io
 from ..config import LoraConfig
 from ..layers import BASE_ADAPTER
-from ..model import PeftModel
+from ..peft_model import PeftModel
 
 KVLayers = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values (1, kv_heads, n, head_dim)
 

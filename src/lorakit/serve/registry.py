@@ -30,7 +30,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from .. import io
-from ..io import AdapterLoadError
+from ..config import AdapterLoadError
 from ..layers import BASE_ADAPTER
 from ..model import check_adapter_name
 from .engine import Engine

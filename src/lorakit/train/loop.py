@@ -34,8 +34,9 @@ import torch
 import torch.distributed as dist
 
 from .. import io
+from ..files import atomic_write
 from ..config import LoraConfig
-from ..model import PeftModel, get_peft_model
+from ..peft_model import PeftModel, get_peft_model
 from . import data as data_mod
 
 CHECKPOINTS = "checkpoints"
@@ -297,7 +298,7 @@ def train(
                                "train_examples": len(train_set), "val_examples": len(val_set)}
         import yaml
 
-        io.atomic_write(out_dir / "run_config.yaml", yaml.safe_dump(resolved, sort_keys=False).encode())
+        atomic_write(out_dir / "run_config.yaml", yaml.safe_dump(resolved, sort_keys=False).encode())
         if not quiet:
             peft_model.print_trainable_parameters()
     metrics = open(out_dir / "metrics.jsonl", "a") if ctx.main else None

@@ -19,7 +19,7 @@ import resource
 from pathlib import Path
 from typing import Any, Literal
 
-from ..io import atomic_write
+from ..files import atomic_write
 from .loop import train
 
 COLUMNS = ("rank", "lora_alpha", "trainable_params", "final_train_loss", "final_val_loss", "best_val_loss",
