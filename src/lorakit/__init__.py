@@ -39,6 +39,25 @@ from .targeting import DEFAULT_TARGET_MODULES, TargetError
 
 __version__ = "0.1.0"
 
+# PEFT names for what lorakit does not implement: importing one says so, rather than "cannot import name".
+_NOT_IMPLEMENTED = {
+    **{name: "a PEFT method other than LoRA" for name in (
+        "PromptTuningConfig", "PromptEncoderConfig", "PrefixTuningConfig", "AdaLoraConfig", "IA3Config",
+        "LoHaConfig", "LoKrConfig", "OFTConfig", "BOFTConfig", "VeraConfig", "FourierFTConfig", "LNTuningConfig",
+        "PolyConfig", "XLoraConfig", "HRAConfig", "VBLoRAConfig", "BoneConfig", "CPTConfig", "MultitaskPromptTuningConfig")},
+    "PeftMixedModel": "PEFT's mixing of adapter types (several LoRA adapters on one model need nothing special)",
+    "LoftQConfig": "LoftQ initialisation",
+    "EvaConfig": "EVA initialisation",
+    "replace_lora_weights_loftq": "LoftQ initialisation",
+}
+
+
+def __getattr__(name: str):
+    if name in _NOT_IMPLEMENTED:
+        raise ImportError(f"lorakit does not implement {name} ({_NOT_IMPLEMENTED[name]}): lorakit is LoRA only "
+                          "(with DoRA, rsLoRA, PiSSA/OLoRA init and QLoRA); see the README's 'Coming from PEFT'")
+    raise AttributeError(f"module 'lorakit' has no attribute {name!r}")
+
 __all__ = [
     # PEFT's names
     "LoraConfig",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import json
 import os
 import re
@@ -335,6 +336,27 @@ class LoraConfig(PeftConfig):
             return cls(**kwargs)
         except TypeError as err:  # a field of the wrong type that dataclass itself rejects
             raise ConfigError(f"adapter config: {err}") from err
+
+
+def _accept_peft_fields(dataclass_init):
+    """Wrap LoraConfig's generated __init__ so that PEFT's LoraConfig fields lorakit does not have
+    are accepted when they hold their "off" value (code written for PEFT passes them) and refused
+    with a named ConfigError when they switch a feature on. A name PEFT does not have either is
+    still a TypeError, as for any misspelt argument."""
+
+    @functools.wraps(dataclass_init)
+    def __init__(self, *args, **kwargs):
+        for key in [k for k in kwargs if k in _PEFT_OFF_FIELDS or k in _PEFT_IGNORED_FIELDS]:
+            value = kwargs.pop(key)
+            if key in _PEFT_OFF_FIELDS and value not in _PEFT_OFF_FIELDS[key]:
+                raise ConfigError(f"{key}={value!r} switches on a PEFT feature lorakit does not implement; "
+                                  f"leave {key} out")
+        dataclass_init(self, *args, **kwargs)
+
+    return __init__
+
+
+LoraConfig.__init__ = _accept_peft_fields(LoraConfig.__init__)
 
 
 def valid_init(value: Any) -> bool:

@@ -254,9 +254,6 @@ class LoraModel(nn.Module):
         self._check_exists(adapter_name)
         if any(adapter_name in layer.merged_adapters for _, layer in self.lora_layers()):
             raise ValueError(f"adapter {adapter_name!r} is merged; unmerge_adapter() before replacing it")
-        warn_user(f"adapter {adapter_name!r} already exists on this model: replacing it by a new one "
-                  f"(r={config.r}). Every PeftModel over this model now runs the new adapter; save the old "
-                  "one first if you need it (save_pretrained), and use another adapter_name to keep both")
         staging = f"{adapter_name}-replacing-{uuid.uuid4().hex[:8]}"
         active = self.active_adapter
         if tensors is not None:
@@ -273,6 +270,9 @@ class LoraModel(nn.Module):
         self.peft_config.clear()
         self.peft_config.update(renamed)  # the same dict object: other wrappers share it
         self.set_adapter(active if active in self.peft_config else adapter_name)
+        warn_user(f"adapter {adapter_name!r} already existed on this model and was replaced by a new one "
+                  f"(r={config.r}): every PeftModel over this model now runs the new adapter. Save an adapter "
+                  "(save_pretrained) before replacing it if you need it, or use another adapter_name to keep both")
 
     def _resolved_config(self, config: LoraConfig) -> LoraConfig:
         """`config` as saved: the base model's name filled in, and target_modules None or "all-linear"
