@@ -334,8 +334,9 @@ def combine(
         ValueError: a bad adapter folder, adapters naming different bases without --model, an
             invalid combination (see `add_weighted_adapter`), or out not writable as asked.
     """
-    from .export import _load_base, staged_directory
-    from .io import read_config
+    from .export import _load_base
+    from .files import staged_directory
+    from .config import read_config
     from .peft_model import PeftModel
 
     if not adapters:

@@ -15,18 +15,15 @@ the model the adapter was trained with on a 4-bit base, rather than the float ba
 
 from __future__ import annotations
 
-import contextlib
-import os
-import shutil
-import tempfile
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
 import torch
 
-__all__ = ["DTYPES", "merge", "staged_directory"]
+from .files import staged_directory
+
+__all__ = ["DTYPES", "merge"]
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -38,49 +35,6 @@ _AUTO_CLASSES = {
     "QUESTION_ANS": "AutoModelForQuestionAnswering",
     "FEATURE_EXTRACTION": "AutoModel",
 }
-
-
-@contextlib.contextmanager
-def staged_directory(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """A temporary folder beside `out` to write into; renamed to `out` when the block succeeds.
-
-    On an error the temporary folder is removed and `out` is untouched. With `overwrite`, an
-    existing `out` is first renamed aside and removed only after the new folder is in place.
-
-    Args:
-        out: The folder to create.
-        overwrite: Replace an existing non-empty `out`. Default False.
-
-    Yields:
-        The temporary folder (empty).
-
-    Raises:
-        ValueError: `out` is a file, or a non-empty folder and `overwrite` is False.
-    """
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"{out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise ValueError(f"{out} exists and is not empty; choose another folder or pass overwrite")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
-    try:
-        yield tmp
-        if not out.exists():
-            os.replace(tmp, out)
-            return
-        old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".old"))
-        os.replace(out, old / out.name)
-        try:
-            os.replace(tmp, out)
-        except BaseException:
-            os.replace(old / out.name, out)  # put the previous folder back
-            raise
-        finally:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _load_base(base: str | None, task_type: str | None, dtype: torch.dtype):
@@ -156,7 +110,7 @@ def merge(
         ValueError: a bad adapter folder (AdapterLoadError), a non-finite merged weight with
             safe_merge, out not writable as asked, or no base model to merge into.
     """
-    from lorakit.io import read_config
+    from lorakit.config import read_config
     from lorakit.peft_model import PeftModel
 
     config = read_config(adapter)

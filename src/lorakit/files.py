@@ -2,6 +2,7 @@
 
     atomic_write(path, data)                 one file: a temporary name in the same folder, a rename
     write_files(folder, {name: data, ...})   a new folder appears complete or not at all
+    with staged_directory(folder) as tmp:    a folder written by other code, renamed into place (or swapped)
 
 Files and folders get the modes a plain `open()` / `mkdir()` would give (the user's umask), not
 the 0600/0700 of the temporary-file functions.
@@ -9,10 +10,12 @@ the 0600/0700 of the temporary-file functions.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -73,6 +76,50 @@ def write_files(directory: Path, files: dict[str, bytes]) -> None:
                 f.flush()
                 os.fsync(f.fileno())
         os.rename(tmp, directory)  # an empty folder created meanwhile is replaced; a full one is an error
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+@contextlib.contextmanager
+def staged_directory(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """A temporary folder beside `out` to write into; renamed to `out` when the block succeeds.
+
+    On an error the temporary folder is removed and `out` is untouched. With `overwrite`, an
+    existing `out` is first renamed aside and removed only after the new folder is in place.
+
+    Args:
+        out: The folder to create.
+        overwrite: Replace an existing non-empty `out`. Default False.
+
+    Yields:
+        The temporary folder (empty).
+
+    Raises:
+        ValueError: `out` is a file, or a non-empty folder and `overwrite` is False.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ValueError(f"{out} exists and is not empty; choose another folder or pass overwrite")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    os.chmod(tmp, 0o777 & ~umask())  # the finished folder gets a plain mkdir's mode, not mkdtemp's 0700
+    try:
+        yield tmp
+        if not out.exists():
+            os.replace(tmp, out)
+            return
+        old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".old"))
+        os.replace(out, old / out.name)
+        try:
+            os.replace(tmp, out)
+        except BaseException:
+            os.replace(old / out.name, out)  # put the previous folder back
+            raise
+        finally:
+            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

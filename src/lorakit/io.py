@@ -29,8 +29,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
-from .config import CONFIG_NAME, AdapterLoadError, LoraConfig, config_bytes, read_config, resolve_adapter_dir
-from .files import atomic_write, write_files
+from .config import CONFIG_NAME, AdapterLoadError, LoraConfig, config_bytes, read_config
+from .files import write_files
 from .model_card import CARD_MARKER, CARD_NAME, model_card
 
 if TYPE_CHECKING:

@@ -3,6 +3,7 @@ the same base, and what it prints, checked live against PEFT 0.21."""
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -52,7 +53,17 @@ def test_lesson_script_prints_what_it_prints_with_peft(tiny_mistral_dir, tmp_pat
     assert lines[-4:] == ["r=4: 1,792 trainable parameters", "r=8: 3,584 trainable parameters",
                           "r=16: 7,168 trainable parameters", "r=32: 14,336 trainable parameters"]
     assert sorted(p.name for p in (ours_dir / "mistral-lora-adapter").iterdir()) == \
+        sorted(p.name for p in (theirs_dir / "mistral-lora-adapter").iterdir()) == \
         ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    ours_config, theirs_config = (json.loads((d / "mistral-lora-adapter" / "adapter_config.json").read_text())
+                                  for d in (ours_dir, theirs_dir))
+    for key in ("base_model_name_or_path", "r", "lora_alpha", "lora_dropout", "bias", "task_type", "peft_type"):
+        assert ours_config[key] == theirs_config[key], key
+    assert ours_config["base_model_name_or_path"] == str(tiny_mistral_dir)  # as the script gave it
+    assert sorted(ours_config["target_modules"]) == sorted(theirs_config["target_modules"])
+    ours_mode, theirs_mode = ((d / "mistral-lora-adapter" / "adapter_config.json").stat().st_mode & 0o777
+                              for d in (ours_dir, theirs_dir))
+    assert ours_mode == theirs_mode
 
 
 def fp16_base(model_dir):

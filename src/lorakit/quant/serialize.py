@@ -141,7 +141,7 @@ def save_quantized(model: nn.Module, directory: str | os.PathLike, tokenizer: An
         ValueError: the model has no 4-bit layer, an adapter is merged into the base, a tensor
             is on the meta device, or the folder exists and `overwrite` is False.
     """
-    from lorakit.export import staged_directory
+    from lorakit.files import staged_directory
 
     layers = quantized_layers(model)
     if not layers:

@@ -357,7 +357,7 @@ def test_merge_command_onto_the_nf4_base_reproduces_the_qlora_model(tmp_path, id
 
 
 def test_staged_directory_keeps_the_old_folder_when_writing_fails(tmp_path):
-    from lorakit.export import staged_directory
+    from lorakit.files import staged_directory
 
     out = tmp_path / "out"
     out.mkdir()
