@@ -24,6 +24,7 @@ from torch import nn
 from . import dispatch, io
 from .config import LoraConfig
 from .layers import BASE_ADAPTER, AdapterRouting, AdapterSpec, LoraLayer, ModulesToSave
+from .layers.base import QuantizedMergeError
 from .layers import init as weight_init
 from .targeting import ALL_LINEAR, resolve_target_modules, select_modules_to_save, select_targets
 _ADAPTER_NAME = re.compile(r"[A-Za-z0-9_\-]+")
@@ -432,19 +433,18 @@ class LoraModel(nn.Module):
         Raises:
             KeyError: an unknown adapter name.
             ValueError: with safe_merge, a merged weight would hold NaN or inf (nothing merged).
-            QuantizedMergeError: an adapter is on a 4-bit base layer (nothing merged); use
-                `merge_and_unload`, which dequantizes.
+            QuantizedMergeError: an adapter is on a quantized base layer (nothing merged); for
+                lorakit's 4-bit layers use `merge_and_unload`, which dequantizes.
         """
         names = adapter_names or [self.active_adapter]
         for name in names:
             self._check_exists(name)
         layers = list(self.lora_layers())
-        refused = [path for path, layer in layers
-                   if not getattr(layer, "mergeable", True) and any(n in layer.adapters for n in names)]
+        refused = [(path, layer) for path, layer in layers
+                   if not layer.mergeable and any(n in layer.adapters for n in names)]
         if refused:
-            from .quant.lora import MERGE_REFUSAL, QuantizedMergeError
-
-            raise QuantizedMergeError(f"{MERGE_REFUSAL} ({len(refused)} layers, e.g. {refused[0]}; nothing was merged)")
+            path, layer = refused[0]
+            raise QuantizedMergeError(f"{layer.merge_refusal} ({len(refused)} layers, e.g. {path}; nothing was merged)")
         if safe_merge:
             check_finite_merge(layers, names)
         for _, layer in layers:

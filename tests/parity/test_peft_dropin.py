@@ -143,3 +143,36 @@ def test_a_sweep_over_other_targets_leaves_no_half_of_the_old_adapter(tiny_mistr
     assert names and all(".q_proj." in n for n in names)
     assert m.get_nb_trainable_parameters()[0] == 2 * (64 * 4 + 4 * 64)
     assert not any(re.search(r"v_proj\.lora_", n) for n, _ in base.named_parameters())
+
+
+def test_peft_qlora_recipe_with_bitsandbytes_trains_and_refuses_to_merge_by_name(tiny_mistral_dir, ids_long):
+    """PEFT's QLoRA recipe as written: a base loaded 4-bit by bitsandbytes, prepare_model_for_kbit_training,
+    get_peft_model. Same trainable parameters and checkpointing as PEFT; the adapter trains; merging
+    into bitsandbytes' packed weights is refused with a named error (PEFT dequantizes), nothing merged."""
+    pytest.importorskip("bitsandbytes")
+    from transformers import BitsAndBytesConfig
+
+    models = {}
+    for lib in (peft, lorakit):
+        quantized = AutoModelForCausalLM.from_pretrained(tiny_mistral_dir, quantization_config=BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32))
+        quantized = lib.prepare_model_for_kbit_training(quantized)
+        models[lib.__name__] = lib.get_peft_model(quantized, lib.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    ours, theirs = models["lorakit"], models["peft"]
+    assert ours.get_nb_trainable_parameters()[0] == theirs.get_nb_trainable_parameters()[0]
+    assert ours.get_base_model().is_gradient_checkpointing and theirs.get_base_model().is_gradient_checkpointing
+    ours.train()
+    ours(input_ids=ids_long, labels=ids_long).loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in ours.named_parameters() if ".lora_B." in n)
+    ours.eval()
+    with torch.no_grad():
+        before = ours(input_ids=ids_long).logits
+    with pytest.raises(lorakit.quant.QuantizedMergeError, match="bitsandbytes.*nothing was merged"):
+        ours.merge_and_unload()
+    with torch.no_grad():
+        assert torch.equal(ours(input_ids=ids_long).logits, before)
+
+
+@pytest.fixture
+def ids_long():
+    return torch.randint(0, 1000, (2, 8), generator=torch.Generator().manual_seed(3))

@@ -23,6 +23,10 @@ import torch
 from torch import nn
 
 
+class QuantizedMergeError(ValueError):
+    """An adapter cannot be merged into a quantized base weight (nothing was merged)."""
+
+
 @dataclass(frozen=True)
 class AdapterSpec:
     """What one layer knows about one adapter.
@@ -115,6 +119,23 @@ class LoraLayer(nn.Module):
     @property
     def base_weight(self) -> torch.Tensor:
         return self.base_layer.weight
+
+    @property
+    def mergeable(self) -> bool:
+        """Whether ΔW can be added to the base weight in place: a floating-point weight (not, e.g.,
+        the packed uint8 storage of a layer loaded with bitsandbytes' 4-bit quantization)."""
+        weight = getattr(self.base_layer, "weight", None)
+        return isinstance(weight, torch.Tensor) and weight.is_floating_point()
+
+    @property
+    def merge_refusal(self) -> str:
+        """Why `merge` is refused here (read when `mergeable` is False)."""
+        weight = getattr(self.base_layer, "weight", None)
+        kind = f"{type(self.base_layer).__module__}.{type(self.base_layer).__name__}"
+        return (f"the base layer ({kind}, weight dtype {getattr(weight, 'dtype', None)}) holds no float weight, so an "
+                "adapter cannot be merged into it (a base loaded quantized, e.g. with bitsandbytes); load the base in "
+                "float to merge, or quantize with lorakit (get_peft_model(..., quantize='nf4')), whose "
+                "merge_and_unload dequantizes")
 
     def add_adapter(self, name: str, spec: AdapterSpec, init: bool | str = True) -> None:
         """Create adapter `name`'s factors (float32 unless the base is float64) and initialise them.

@@ -4,8 +4,8 @@
 
 GPT-2's Conv1D stores its weight as (in, out) (`fan_in_fan_out`); its factors have the same
 shapes as for nn.Linear and only ΔW is transposed when merging. A base layer that is not an
-nn.Linear (e.g. the 4-bit layer) works too if it has `in_features`, `out_features` and either
-a `weight` or a `merge_delta(delta)` method.
+nn.Linear (e.g. the 4-bit layer) works too if it has `in_features` and `out_features`; merging
+needs a float `weight` (`LoraLayer.mergeable`).
 
 The forward runs the update through `autograd.lora_linear` (a hand-written autograd Function
 that keeps no activation of its own, see autograd.py) unless the plain path is selected

@@ -28,6 +28,7 @@ from torch import nn
 from lorakit import dispatch
 from lorakit.config import LoraConfig
 from lorakit.layers import Linear, LoraLayer
+from lorakit.layers.base import QuantizedMergeError
 from lorakit.model import check_finite_merge
 from lorakit.quant.linear4bit import Linear4bit, quantize_model
 
@@ -50,10 +51,6 @@ QUANTIZE_METHODS = ("nf4",)
 DtypeChoice = torch.dtype | Literal["original"] | None
 
 
-class QuantizedMergeError(ValueError):
-    """An adapter cannot be merged into a 4-bit base weight (use `merge_and_unload`)."""
-
-
 MERGE_REFUSAL = (
     "LoRA adapters are not merged into 4-bit (NF4) base weights: requantizing W + ΔW would lose most "
     "of the update. Use merge_and_unload(), which dequantizes the base, merges in float32 and returns "
@@ -74,6 +71,7 @@ class Linear4bitLora(Linear):
     """
 
     mergeable = False
+    merge_refusal = MERGE_REFUSAL
     supports_dora = False  # DoRA's weight norm would need the dequantized weight every forward
 
     def __init__(self, base_layer: Linear4bit) -> None:
