@@ -3,7 +3,7 @@
 Usage: lorakit inspect ADAPTER_DIR [--base MODEL_DIR] [--top-k 4] [--plot spectra.png] [--json]
        lorakit extract BASE_DIR TUNED_DIR R OUT_DIR [--target-modules q_proj,v_proj]
 
-`inspect_adapter` reads an adapter folder (through `lorakit.io.read_adapter`, no model needed)
+`inspect_adapter` reads an adapter folder (through `lorakit.adapter_format.read_adapter`, no model needed)
 and reports its config, its parameters per module type, its file size, and for every adapted
 layer the spectrum of the update ΔW = scaling·B·A: singular values, effective rank, the energy
 share of the top k directions and, given the base model, ||ΔW||_F / ||W||_F.
@@ -27,7 +27,7 @@ from typing import Any, Optional
 import torch
 
 from .files import atomic_write
-from .io import KEY_PREFIX, PICKLE_WEIGHTS_NAME, WEIGHTS_NAME, read_adapter
+from .adapter_format import KEY_PREFIX, PICKLE_WEIGHTS_NAME, WEIGHTS_NAME, read_adapter
 
 # "base_model.model.<path>.lora_A.weight" (Linear, Conv), "<path>.lora_embedding_A" (Embedding)
 _FACTOR_KEY = re.compile(rf"^{re.escape(KEY_PREFIX)}(.+)\.lora_(embedding_)?([AB])(\.weight)?$")

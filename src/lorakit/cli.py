@@ -32,7 +32,7 @@ COMMANDS: dict[str, str] = {
     "memory": "lorakit.memory:memory",
     "inspect": "lorakit.analysis:inspect_adapter",
     "extract": "lorakit.analysis:extract",
-    "combine": "lorakit.combine:combine",
+    "combine": "lorakit.export:combine",
 }
 
 

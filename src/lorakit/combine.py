@@ -187,7 +187,7 @@ def add_weighted_adapter(lora_model: LoraModel, adapters: list[str], weights: li
             several inputs train the same modules_to_save module; an input was initialised by
             PiSSA/OLoRA or uses DoRA; the model is on the meta device (no weights to combine).
     """
-    from .model import check_adapter_name
+    from .adapter_format import check_adapter_name
 
     check_adapter_name(adapter_name)
     if adapter_name in lora_model.peft_config:
@@ -298,81 +298,3 @@ def _combined_config(lora_model: LoraModel, adapters: list[str], paths: list[str
         config = dataclasses.replace(config, target_modules=list(paths), layers_to_transform=None,
                                      layers_pattern=None, exclude_modules=None)
     return config
-
-
-# --- the command ---------------------------------------------------------------------------------
-
-def combine(
-    adapters: list[str],
-    out: str,
-    weights: list[float] | None = None,
-    combination_type: Literal["svd", "linear", "cat"] = "svd",
-    svd_rank: int | None = None,
-    svd_clamp: float | None = None,
-    model: str | None = None,
-    overwrite: bool = False,
-) -> int:
-    """Combine several adapters of one base model into a new adapter folder (PEFT's add_weighted_adapter).
-
-    Args:
-        adapters: Comma-separated adapter folders to combine.
-        out: Folder to write the combined adapter into (must not exist or be empty).
-        weights: Comma-separated weight per adapter (negative subtracts). Default: 1 for each,
-            i.e. the sum of their updates.
-        combination_type: "svd" (the weighted sum of the updates, truncated to svd_rank), "cat"
-            (exact, the ranks add up) or "linear" (sums the factors; equal ranks only; rough).
-        svd_rank: With svd, the rank of the combined adapter. Default: the largest input rank.
-        svd_clamp: With svd, clamp the factors at this quantile of their entries (e.g. 0.99).
-        model: Base model folder, or "default" for the embedded model. Default: the adapters'
-            base_model_name_or_path (they must agree), or the embedded model when none is named.
-        overwrite: Replace an existing non-empty out folder.
-
-    Returns:
-        0 on success.
-
-    Raises:
-        ValueError: a bad adapter folder, adapters naming different bases without --model, an
-            invalid combination (see `add_weighted_adapter`), or out not writable as asked.
-    """
-    from .export import _load_base
-    from .files import staged_directory
-    from .config import read_config
-    from .peft_model import PeftModel
-
-    if not adapters:
-        raise ValueError("no adapters given: pass comma-separated adapter folders")
-    weights = [1.0] * len(adapters) if weights is None else weights
-    if len(weights) != len(adapters):
-        raise ValueError(f"{len(adapters)} adapters but {len(weights)} weights")
-    out_path = Path(out).resolve()
-    if any(out_path == Path(a).resolve() for a in adapters):
-        raise ValueError(f"out {out} is one of the input adapters")
-    if out_path.is_dir() and any(out_path.iterdir()) and not overwrite:
-        raise ValueError(f"{out} exists and is not empty; choose another folder or pass --overwrite")
-    configs = [read_config(a) for a in adapters]
-    for folder, config in zip(adapters, configs):  # before loading: loading would rerun PiSSA on the base
-        if weight_init.rewrites_base_weight(config.init_lora_weights):
-            raise ValueError(f"{folder} is a {config.init_lora_weights!r}-initialised adapter, which applies to a "
-                             "residual base; convert it first (lorakit.convert.convert_to_lora)")
-    combined_rank(configs, combination_type, svd_rank)  # refuse e.g. 'linear' on other ranks before loading
-    named = {c.base_model_name_or_path for c in configs if c.base_model_name_or_path}
-    if model is None and len(named) > 1:
-        raise ValueError(f"the adapters name different base models {sorted(named)}; pick one with --model")
-    base_name = model or (named.pop() if named else None)
-    tasks = {c.task_type for c in configs}
-    # The factors are float32 whatever the base dtype: a bfloat16 base halves memory and changes nothing.
-    base, _ = _load_base(base_name, configs[0].task_type if len(tasks) == 1 else None, torch.bfloat16)
-    names = [f"input_{i}" for i in range(len(adapters))]
-    peft_model = PeftModel.from_pretrained(base, adapters[0], adapter_name=names[0])
-    for name, folder in zip(names[1:], adapters[1:]):
-        peft_model.load_adapter(folder, adapter_name=name)
-    peft_model.add_weighted_adapter(names, weights, "default", combination_type=combination_type,
-                                    svd_rank=svd_rank, svd_clamp=svd_clamp)
-    config = peft_model.peft_config["default"]
-    if config.base_model_name_or_path is None and base_name is not None:
-        peft_model.peft_config["default"] = dataclasses.replace(config, base_model_name_or_path=str(base_name))
-    with staged_directory(out, overwrite=overwrite) as tmp:
-        peft_model.save_pretrained(str(tmp), selected_adapters=["default"])
-    config = peft_model.peft_config["default"]
-    print(f"combined {len(adapters)} adapters ({combination_type}, weights {weights}) -> {out} (rank {config.r})")
-    return 0

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from . import io
+from . import adapter_format
 from .config import LoraConfig
 from .layers import init as weight_init
 
@@ -133,9 +133,9 @@ def convert_to_lora(adapter_dir: str | os.PathLike, initial_adapter_dir: str | o
     out = Path(out_dir)
     if out.resolve() in (Path(adapter_dir).resolve(), Path(initial_adapter_dir).resolve()):
         raise ValueError(f"out_dir {str(out_dir)!r} would overwrite an input adapter; choose another folder")
-    config, tensors = io.read_adapter(adapter_dir)
-    initial_config, initial_tensors = io.read_adapter(initial_adapter_dir)
+    config, tensors = adapter_format.read_adapter(adapter_dir)
+    initial_config, initial_tensors = adapter_format.read_adapter(initial_adapter_dir)
     new_config, new_tensors = converted_adapter(config, tensors, initial_config, initial_tensors,
                                                 source=str(initial_adapter_dir))
-    io.write_adapter(out, new_config, new_tensors, what=f"converted adapter {str(adapter_dir)!r}")
+    adapter_format.write_adapter(out, new_config, new_tensors, what=f"converted adapter {str(adapter_dir)!r}")
     return out

@@ -1,7 +1,9 @@
-"""`lorakit merge`: fold an adapter into its base model and write a full Hugging Face model folder.
+"""Folder-to-folder commands: `lorakit merge` (an adapter folded into its base, written as a full
+Hugging Face model folder) and `lorakit combine` (several adapters of one base combined into one).
 
 Usage: lorakit merge ADAPTER OUT [--base MODEL] [--dtype bf16|fp16|fp32] [--no-safe-merge]
                                  [--quantize nf4 [--double-quant]] [--overwrite]
+       lorakit combine A,B OUT [--weights 1,0.5] [--combination-type svd|cat|linear] [--model MODEL]
 
 The folder (config.json, model.safetensors, generation config, tokenizer) loads with
 `AutoModelForCausalLM.from_pretrained(OUT)` and needs neither lorakit nor PEFT. It is written
@@ -21,9 +23,13 @@ from typing import Literal
 
 import torch
 
+from .combine import combined_rank
+from .config import read_config
 from .files import staged_directory
+from .layers.init import rewrites_base_weight
+from .peft_model import PeftModel
 
-__all__ = ["DTYPES", "merge"]
+__all__ = ["DTYPES", "combine", "merge"]
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -37,7 +43,7 @@ _AUTO_CLASSES = {
 }
 
 
-def _load_base(base: str | None, task_type: str | None, dtype: torch.dtype):
+def load_base(base: str | None, task_type: str | None, dtype: torch.dtype):
     """(model, tokenizer or None) of a base model folder, or of the embedded default model (None).
 
     A causal LM (task CAUSAL_LM or none given) loads through `lorakit.hub`, which knows the
@@ -110,9 +116,6 @@ def merge(
         ValueError: a bad adapter folder (AdapterLoadError), a non-finite merged weight with
             safe_merge, out not writable as asked, or no base model to merge into.
     """
-    from lorakit.config import read_config
-    from lorakit.peft_model import PeftModel
-
     config = read_config(adapter)
     base = base or config.base_model_name_or_path
     out_path, adapter_path = Path(out).resolve(), Path(adapter).resolve()
@@ -121,7 +124,7 @@ def merge(
         raise ValueError(f"out {out} would overwrite its own input ({adapter if out_path == adapter_path else base})")
     if out_path.is_dir() and any(out_path.iterdir()) and not overwrite:
         raise ValueError(f"{out} exists and is not empty; choose another folder or pass --overwrite")
-    model, tokenizer = _load_base(base, config.task_type, torch.float32)
+    model, tokenizer = load_base(base, config.task_type, torch.float32)
     tokenizer = _load_tokenizer(adapter) or tokenizer  # a tokenizer saved with the adapter wins
     if quantize is not None:
         from lorakit.quant.lora import quantize_for_lora
@@ -136,4 +139,77 @@ def merge(
         else:
             warnings.warn(f"no tokenizer found with the adapter or at {base!r}; {out} has none", stacklevel=2)
     print(f"merged {adapter} into {base or 'the embedded model'} -> {out} ({dtype})")
+    return 0
+
+
+# --- lorakit combine -----------------------------------------------------------------------------
+
+def combine(
+    adapters: list[str],
+    out: str,
+    weights: list[float] | None = None,
+    combination_type: Literal["svd", "linear", "cat"] = "svd",
+    svd_rank: int | None = None,
+    svd_clamp: float | None = None,
+    model: str | None = None,
+    overwrite: bool = False,
+) -> int:
+    """Combine several adapters of one base model into a new adapter folder (PEFT's add_weighted_adapter).
+
+    Args:
+        adapters: Comma-separated adapter folders to combine.
+        out: Folder to write the combined adapter into (must not exist or be empty).
+        weights: Comma-separated weight per adapter (negative subtracts). Default: 1 for each,
+            i.e. the sum of their updates.
+        combination_type: "svd" (the weighted sum of the updates, truncated to svd_rank), "cat"
+            (exact, the ranks add up) or "linear" (sums the factors; equal ranks only; rough).
+        svd_rank: With svd, the rank of the combined adapter. Default: the largest input rank.
+        svd_clamp: With svd, clamp the factors at this quantile of their entries (e.g. 0.99).
+        model: Base model folder, or "default" for the embedded model. Default: the adapters'
+            base_model_name_or_path (they must agree), or the embedded model when none is named.
+        overwrite: Replace an existing non-empty out folder.
+
+    Returns:
+        0 on success.
+
+    Raises:
+        ValueError: a bad adapter folder, adapters naming different bases without --model, an
+            invalid combination (see `add_weighted_adapter`), or out not writable as asked.
+    """
+    if not adapters:
+        raise ValueError("no adapters given: pass comma-separated adapter folders")
+    weights = [1.0] * len(adapters) if weights is None else weights
+    if len(weights) != len(adapters):
+        raise ValueError(f"{len(adapters)} adapters but {len(weights)} weights")
+    out_path = Path(out).resolve()
+    if any(out_path == Path(a).resolve() for a in adapters):
+        raise ValueError(f"out {out} is one of the input adapters")
+    if out_path.is_dir() and any(out_path.iterdir()) and not overwrite:
+        raise ValueError(f"{out} exists and is not empty; choose another folder or pass --overwrite")
+    configs = [read_config(a) for a in adapters]
+    for folder, config in zip(adapters, configs):  # before loading: loading would rerun PiSSA on the base
+        if rewrites_base_weight(config.init_lora_weights):
+            raise ValueError(f"{folder} is a {config.init_lora_weights!r}-initialised adapter, which applies to a "
+                             "residual base; convert it first (lorakit.convert.convert_to_lora)")
+    combined_rank(configs, combination_type, svd_rank)  # refuse e.g. 'linear' on other ranks before loading
+    named = {c.base_model_name_or_path for c in configs if c.base_model_name_or_path}
+    if model is None and len(named) > 1:
+        raise ValueError(f"the adapters name different base models {sorted(named)}; pick one with --model")
+    base_name = model or (named.pop() if named else None)
+    tasks = {c.task_type for c in configs}
+    # The factors are float32 whatever the base dtype: a bfloat16 base halves memory and changes nothing.
+    base, _ = load_base(base_name, configs[0].task_type if len(tasks) == 1 else None, torch.bfloat16)
+    names = [f"input_{i}" for i in range(len(adapters))]
+    peft_model = PeftModel.from_pretrained(base, adapters[0], adapter_name=names[0])
+    for name, folder in zip(names[1:], adapters[1:]):
+        peft_model.load_adapter(folder, adapter_name=name)
+    peft_model.add_weighted_adapter(names, weights, "default", combination_type=combination_type,
+                                    svd_rank=svd_rank, svd_clamp=svd_clamp)
+    config = peft_model.peft_config["default"]
+    if config.base_model_name_or_path is None and base_name is not None:
+        peft_model.peft_config["default"] = dataclasses.replace(config, base_model_name_or_path=str(base_name))
+    with staged_directory(out, overwrite=overwrite) as tmp:
+        peft_model.save_pretrained(str(tmp), selected_adapters=["default"])
+    config = peft_model.peft_config["default"]
+    print(f"combined {len(adapters)} adapters ({combination_type}, weights {weights}) -> {out} (rank {config.r})")
     return 0

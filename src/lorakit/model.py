@@ -21,13 +21,13 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from . import dispatch, io
+from . import adapter_format, dispatch
+from .adapter_format import check_adapter_name
 from .config import LoraConfig
 from .layers import BASE_ADAPTER, AdapterRouting, AdapterSpec, LoraLayer, ModulesToSave
-from .layers.base import QuantizedMergeError
+from .layers.base import QuantizedMergeError, check_finite_merge
 from .layers import init as weight_init
 from .targeting import ALL_LINEAR, resolve_target_modules, select_modules_to_save, select_targets
-_ADAPTER_NAME = re.compile(r"[A-Za-z0-9_\-]+")
 
 # PEFT 0.21's words when a model that already holds adapters is wrapped again (emitted the same way,
 # so code and tests written against PEFT see the same warnings).
@@ -68,29 +68,6 @@ def shared_registry(model: nn.Module) -> dict[str, LoraConfig] | None:
     return None
 
 
-def check_adapter_name(name: str) -> None:
-    """Adapter names are plain names: letters, digits, '_' and '-'.
-
-    Raises:
-        ValueError: the name is empty, reserved, or holds any other character ('.', '/', ...).
-    """
-    if not isinstance(name, str) or not _ADAPTER_NAME.fullmatch(name) or name == BASE_ADAPTER:
-        raise ValueError(f"invalid adapter name {name!r}: use letters, digits, '_' and '-' "
-                         f"(and not the reserved {BASE_ADAPTER!r})")
-
-
-def check_finite_merge(layers: list[tuple[str, LoraLayer]], names: list[str]) -> None:
-    """safe_merge's check, before any weight changes: every merged weight must be finite.
-
-    Raises:
-        ValueError: naming the first layer whose merge would hold NaN or inf.
-    """
-    for path, layer in layers:
-        present = [n for n in names if n in layer.adapters and n not in layer.merged_adapters]
-        if present and not torch.isfinite(layer.merged_weight(present)).all():
-            raise ValueError(f"safe_merge: merging {present} into {path} gives NaN or inf; nothing was merged")
-
-
 class LoraModel(nn.Module):
     """Holds the user's model and the adapters injected into it.
 
@@ -105,7 +82,7 @@ class LoraModel(nn.Module):
         config: The first adapter's config; None wraps the adapters the model already holds.
         adapter_name: Its name. Default "default".
         low_cpu_mem_usage: Create the factors on the meta device (a file fills them next).
-        tensors: The adapter's weights, file-keyed (`io.read_adapter`): the adapter is loaded
+        tensors: The adapter's weights, file-keyed (`adapter_format.read_adapter`): the adapter is loaded
             from them (`add_adapter_from_tensors`). `source` names them in errors.
     """
 
@@ -165,7 +142,7 @@ class LoraModel(nn.Module):
 
         With `low_cpu_mem_usage` (PEFT's name) the factors are created on the meta device, neither
         allocated nor initialised, for a caller that loads them from a file next
-        (`io.load_weights`). Inits that rewrite the base weight (PiSSA, OLoRA) still run, since
+        (`adapter_format.load_weights`). Inits that rewrite the base weight (PiSSA, OLoRA) still run, since
         the file does not hold the residual base.
 
         Raises:
@@ -325,8 +302,8 @@ class LoraModel(nn.Module):
 
     def add_adapter_from_tensors(self, adapter_name: str, config: LoraConfig, tensors: dict[str, torch.Tensor],
                                  source: str = "") -> None:
-        """Add an adapter whose weights are already read (`io.read_adapter`): injected without
-        initialisation, filled and checked by `io.load_weights`; on any error removed again, so
+        """Add an adapter whose weights are already read (`adapter_format.read_adapter`): injected without
+        initialisation, filled and checked by `adapter_format.load_weights`; on any error removed again, so
         the model keeps exactly the adapters it had.
 
         Raises:
@@ -336,7 +313,7 @@ class LoraModel(nn.Module):
         flags = self.trainable_flags()
         self.add_adapter(adapter_name, config, low_cpu_mem_usage=True)  # the tensors fill the factors
         try:
-            io.load_weights(self, adapter_name, tensors, source=source)
+            adapter_format.load_weights(self, adapter_name, tensors, source=source)
         except BaseException:
             self._remove_everywhere(adapter_name)
             del self.peft_config[adapter_name]

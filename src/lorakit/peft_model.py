@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import io
+from . import adapter_format
 from .config import HUB_ARGUMENTS, LoraConfig, resolve_adapter_dir
 from .model import SECOND_INJECTION_WARNING, LoraModel, holds_adapters, warn_user
 
@@ -243,15 +243,15 @@ class PeftModel(nn.Module):
         state = None if state_dict is None else _model_state(state_dict)
         if path_initial_model_for_weight_conversion is None:
             for name in names:
-                io.save_adapter(self.base_model, save_directory, name, state=state)
+                adapter_format.save_adapter(self.base_model, save_directory, name, state=state)
             return
         from .convert import converted_adapter
 
-        initial = io.read_adapter(path_initial_model_for_weight_conversion)
+        initial = adapter_format.read_adapter(path_initial_model_for_weight_conversion)
         for name in names:
-            config, tensors = converted_adapter(self.peft_config[name], io.adapter_tensors(self.base_model, name, state),
+            config, tensors = converted_adapter(self.peft_config[name], adapter_format.adapter_tensors(self.base_model, name, state),
                                                 *initial, source=str(path_initial_model_for_weight_conversion))
-            io.write_adapter(io.adapter_dir(save_directory, name), config, tensors, what=f"adapter {name!r}")
+            adapter_format.write_adapter(adapter_format.adapter_dir(save_directory, name), config, tensors, what=f"adapter {name!r}")
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default",
@@ -285,7 +285,7 @@ class PeftModel(nn.Module):
                 model is then left exactly as it was.
         """
         folder = resolve_adapter_dir(model_id, subfolder=subfolder, **_hub_only(kwargs, "from_pretrained"))
-        file_config, tensors = io.read_adapter(folder, allow_pickle=allow_pickle)
+        file_config, tensors = adapter_format.read_adapter(folder, allow_pickle=allow_pickle)
         config = dataclasses.replace(config or file_config, inference_mode=not is_trainable)
         target_cls = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(config.task_type, cls) if cls is PeftModel else cls
         peft_model = target_cls(model, config, adapter_name, _tensors=tensors, _source=str(folder))
@@ -308,12 +308,12 @@ class PeftModel(nn.Module):
             ValueError: the name is invalid.
         """
         folder = resolve_adapter_dir(model_id, subfolder=subfolder, **_hub_only(kwargs, "load_adapter"))
-        config, tensors = io.read_adapter(folder, allow_pickle=allow_pickle)
+        config, tensors = adapter_format.read_adapter(folder, allow_pickle=allow_pickle)
         if adapter_name not in self.peft_config:
             config = dataclasses.replace(config, inference_mode=not is_trainable)
             self.base_model.add_adapter_from_tensors(adapter_name, config, tensors, source=str(folder))
             return
-        io.load_weights(self.base_model, adapter_name, tensors, source=str(folder))
+        adapter_format.load_weights(self.base_model, adapter_name, tensors, source=str(folder))
         current = self.peft_config[adapter_name]
         self.peft_config[adapter_name] = dataclasses.replace(current, inference_mode=not is_trainable)
         self.base_model.set_adapter(self.active_adapter)  # re-marks which parameters train
@@ -335,7 +335,7 @@ def _hub_only(kwargs: dict[str, Any], where: str) -> dict[str, Any]:
 
 def _model_state(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A PeftModel state dict (`base_model.model.<path>`) keyed as the user's model's (`<path>`)."""
-    prefix = io.KEY_PREFIX
+    prefix = adapter_format.KEY_PREFIX
     return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state_dict.items()}
 
 
@@ -503,7 +503,7 @@ def _lora_model_and_prefix(model: nn.Module, adapter_name: str) -> tuple[LoraMod
     adapters were injected into (`inject_adapter_in_model`)."""
     model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper
     if isinstance(model, PeftModel):
-        return model.base_model, io.KEY_PREFIX
+        return model.base_model, adapter_format.KEY_PREFIX
     if isinstance(model, LoraModel):
         return model, "model."
     if not holds_adapters(model):
@@ -534,8 +534,8 @@ def get_peft_model_state_dict(model: nn.Module, state_dict: dict[str, torch.Tens
     state = None
     if state_dict is not None:
         state = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
-    tensors = io.adapter_tensors(lora_model, adapter_name, state)
-    return {prefix + k[len(io.KEY_PREFIX):]: v for k, v in tensors.items()}
+    tensors = adapter_format.adapter_tensors(lora_model, adapter_name, state)
+    return {prefix + k[len(adapter_format.KEY_PREFIX):]: v for k, v in tensors.items()}
 
 
 def set_peft_model_state_dict(model: nn.Module, peft_model_state_dict: dict[str, torch.Tensor],
@@ -556,9 +556,9 @@ def set_peft_model_state_dict(model: nn.Module, peft_model_state_dict: dict[str,
         raise ValueError("ignore_mismatched_sizes=True is not supported: a tensor that does not fit is an error")
     lora_model, prefix = _lora_model_and_prefix(model, adapter_name)
     lora_model._check_exists(adapter_name)
-    tensors = {io.KEY_PREFIX + k[len(prefix):] if k.startswith(prefix) else k: v
+    tensors = {adapter_format.KEY_PREFIX + k[len(prefix):] if k.startswith(prefix) else k: v
                for k, v in peft_model_state_dict.items()}
-    io.load_weights(lora_model, adapter_name, tensors, source=f"state dict for {adapter_name!r}")
+    adapter_format.load_weights(lora_model, adapter_name, tensors, source=f"state dict for {adapter_name!r}")
     return nn.modules.module._IncompatibleKeys(missing_keys=[], unexpected_keys=[])
 
 
@@ -570,5 +570,5 @@ def load_peft_weights(model_id: str | os.PathLike, device: str | None = None, su
         AdapterLoadError: the folder or its weights are missing or unreadable.
     """
     folder = resolve_adapter_dir(model_id, subfolder=subfolder, **_hub_only(kwargs, "load_peft_weights"))
-    _, tensors = io.read_adapter(folder)
+    _, tensors = adapter_format.read_adapter(folder)
     return {k: v.to(device) for k, v in tensors.items()} if device else tensors

@@ -66,7 +66,7 @@ def test_round_trip_both_ways(arch, tmp_path, ids):
     assert {k: tuple(t.shape) for k, t in ours_file.items()} == {k: tuple(t.shape) for k, t in theirs_file.items()}
     magnitude_keys = [k for k in ours_file if "magnitude" in k]
     assert magnitude_keys and all(k.endswith(".lora_magnitude_vector") for k in magnitude_keys)
-    assert lorakit.io.read_config(tmp_path / "theirs").use_dora
+    assert lorakit.adapter_format.read_config(tmp_path / "theirs").use_dora
 
 
 @pytest.mark.parametrize("arch", ["llama-bias", "gpt2"])

@@ -140,8 +140,8 @@ def test_converted_adapter_equals_peft_conversion_and_runs_on_the_original_base(
         for loader in (lorakit, peft):
             loaded = loader.PeftModel.from_pretrained(tiny_llama(), str(folders[lib]))
             assert (eval_logits(loaded, ids) - expected).abs().max() <= TOL, (lib.__name__, loader.__name__)
-    ours_config, ours = lorakit.io.read_adapter(folders[lorakit])
-    theirs_config, theirs = lorakit.io.read_adapter(folders[peft])
+    ours_config, ours = lorakit.adapter_format.read_adapter(folders[lorakit])
+    theirs_config, theirs = lorakit.adapter_format.read_adapter(folders[peft])
     assert max_diff(ours, theirs) <= TOL
     assert (ours_config.r, ours_config.init_lora_weights) == (8, True)
     assert (theirs_config.r, theirs_config.init_lora_weights) == (8, True)

@@ -12,7 +12,7 @@ from transformers import LlamaForCausalLM
 from lorakit import LoraConfig, PeftModel, get_peft_model
 from lorakit.analysis import delta_singular_values, extract, inspect_adapter, spectrum_summary
 from lorakit.cli import main
-from lorakit.io import read_adapter
+from lorakit.adapter_format import read_adapter
 
 from conftest import tiny_llama
 

@@ -15,7 +15,7 @@ import transformers
 from transformers.trainer import TRAINING_ARGS_NAME
 
 from ..config import CONFIG_NAME
-from ..io import WEIGHTS_NAME
+from ..adapter_format import WEIGHTS_NAME
 from ..peft_model import PeftModel
 
 

@@ -68,6 +68,8 @@ class LoraLayer(nn.Module):
     factor_names: tuple[str, ...] = ("lora_A", "lora_B")
     # Whether adapters with `use_dora` can be added (the layer types implementing DoRA set it).
     supports_dora: bool = False
+    # Whether PiSSA/OLoRA (`layers.init`, factors taken from the base weight) apply (linear layers set it).
+    supports_weight_init: bool = False
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
@@ -144,7 +146,7 @@ class LoraLayer(nn.Module):
         "pissa_niter_K", "olora") run in `layers.init` and also replace the base weight by the
         residual; the others are the layer type's `_reset_factors`. On the meta device nothing
         is initialised. `init=None` creates the factors on the meta device (no memory, no init
-        kernels), for a caller that loads them from a file next (`io.load_weights` replaces
+        kernels), for a caller that loads them from a file next (`adapter_format.load_weights` replaces
         them by the file's tensors on the base weight's device).
 
         With `spec.use_dora`, the magnitude is set last, from the initialised factors (and the
@@ -279,3 +281,15 @@ class LoraLayer(nn.Module):
 def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     """Dropout on the LoRA path only: identity when p == 0 or not training."""
     return torch.nn.functional.dropout(x, p) if p > 0 and training else x
+
+
+def check_finite_merge(layers: list[tuple[str, LoraLayer]], names: list[str]) -> None:
+    """safe_merge's check, before any weight changes: every merged weight must be finite.
+
+    Raises:
+        ValueError: naming the first layer whose merge would hold NaN or inf.
+    """
+    for path, layer in layers:
+        present = [n for n in names if n in layer.adapters and n not in layer.merged_adapters]
+        if present and not torch.isfinite(layer.merged_weight(present)).all():
+            raise ValueError(f"safe_merge: merging {present} into {path} gives NaN or inf; nothing was merged")

@@ -34,7 +34,10 @@ import re
 
 import torch
 
-from .base import AdapterSpec, LoraLayer
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .base import AdapterSpec, LoraLayer
 
 WEIGHT_INITS = ("pissa", "olora")  # plus "pissa_niter_<K>", K >= 1
 _PISSA_NITER = re.compile(r"pissa_niter_(\d+)")
@@ -63,10 +66,8 @@ def check_layer(layer: LoraLayer, spec: AdapterSpec, init: str) -> None:
         ValueError: the layer is not a LoRA Linear (Embedding, Conv, ...), its base weight is not
             a floating-point matrix (e.g. a 4-bit base), or r > min(in_features, out_features).
     """
-    from .linear import Linear
-
     kind = type(layer.base_layer).__name__
-    if not isinstance(layer, Linear):
+    if not layer.supports_weight_init:
         raise ValueError(f"init_lora_weights={init!r} is supported on linear layers only, not on {kind} "
                          f"({type(layer).__name__} wrapper); leave such layers out of target_modules or use "
                          f"True or 'gaussian'")

@@ -74,6 +74,7 @@ class Linear(LoraLayer):
     """
 
     factor_names = ("lora_A", "lora_B", "lora_magnitude_vector")
+    supports_weight_init = True
 
     def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False) -> None:
         super().__init__(base_layer)

@@ -29,7 +29,7 @@ from lorakit import dispatch
 from lorakit.config import LoraConfig
 from lorakit.layers import Linear, LoraLayer
 from lorakit.layers.base import QuantizedMergeError
-from lorakit.model import check_finite_merge
+from lorakit.layers.base import check_finite_merge
 from lorakit.quant.linear4bit import Linear4bit, quantize_model
 
 if TYPE_CHECKING:

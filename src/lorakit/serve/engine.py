@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import io
+from .. import adapter_format
 from ..config import LoraConfig
 from ..layers import BASE_ADAPTER
 from ..peft_model import PeftModel
@@ -366,7 +366,7 @@ class Engine:
 
     def attach_adapter(self, name: str, config: LoraConfig, tensors: dict[str, torch.Tensor],
                        source: str = "") -> concurrent.futures.Future:
-        """Inject an adapter already read from disk (see `io.read_adapter`) and copy its weights in.
+        """Inject an adapter already read from disk (see `adapter_format.read_adapter`) and copy its weights in.
 
         The future raises `AdapterLoadError` (wrong keys or shapes: another base model?),
         `TargetError` / `ConfigError` / `ValueError` (name taken, targets missing); the model is
@@ -383,7 +383,7 @@ class Engine:
         if self._peft is None:
             peft = PeftModel(self._base, config, name, low_cpu_mem_usage=True)  # wraps the targets in place
             try:
-                io.load_weights(peft.base_model, name, tensors, source=source)
+                adapter_format.load_weights(peft.base_model, name, tensors, source=source)
             except Exception:
                 peft.base_model.remove_adapter(name)  # unwrap: the base is as it was
                 raise

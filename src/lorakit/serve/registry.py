@@ -15,7 +15,7 @@ Owns the policy; the engine owns the mechanics (it attaches and detaches between
 - Cache: at most `max_loaded` adapters are attached; loading one more evicts the least
   recently used one that no request holds. A request pins its adapter from `acquire` until
   the engine lets it go, so an adapter is never removed under a running request.
-- Loading: files are read and checked in a worker thread (`io.read_adapter`), so a large
+- Loading: files are read and checked in a worker thread (`adapter_format.read_adapter`), so a large
   adapter delays only the requests that need it; attaching (inject, check shapes, copy) is
   short and runs between two engine steps. Concurrent requests for one adapter share one load.
 """
@@ -29,10 +29,10 @@ import threading
 from collections.abc import Iterable
 from pathlib import Path
 
-from .. import io
+from .. import adapter_format
 from ..config import AdapterLoadError
 from ..layers import BASE_ADAPTER
-from ..model import check_adapter_name
+from ..adapter_format import check_adapter_name
 from .engine import Engine
 
 
@@ -246,7 +246,7 @@ class AdapterRegistry:
 
     async def _load(self, name: str, path: Path) -> None:
         try:
-            config, tensors = await asyncio.to_thread(io.read_adapter, path)
+            config, tensors = await asyncio.to_thread(adapter_format.read_adapter, path)
         except AdapterLoadError as err:
             raise AdapterLoadError(f"cannot load adapter {name!r}: {err}") from err
         async with self._changing:

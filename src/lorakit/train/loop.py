@@ -33,7 +33,7 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 
-from .. import io
+from .. import adapter_format
 from ..files import atomic_write
 from ..config import LoraConfig
 from ..peft_model import PeftModel, get_peft_model
@@ -284,8 +284,8 @@ def train(
 
     start = 0
     if resume and (ckpt := latest_checkpoint(out_dir)) is not None:
-        _, tensors = io.read_adapter(ckpt)
-        io.load_weights(peft_model.base_model, "default", tensors, source=str(ckpt))
+        _, tensors = adapter_format.read_adapter(ckpt)
+        adapter_format.load_weights(peft_model.base_model, "default", tensors, source=str(ckpt))
         state = torch.load(ckpt / STATE_NAME, weights_only=False)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])

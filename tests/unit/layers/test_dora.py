@@ -278,7 +278,7 @@ def test_save_and_load_round_trip(tmp_path):
                 p.add_(torch.randn(p.shape) * 0.1)
         expected = model.eval()(ids).logits
     model.save_pretrained(tmp_path)
-    config, tensors = lorakit.io.read_adapter(tmp_path)
+    config, tensors = lorakit.adapter_format.read_adapter(tmp_path)
     assert config.use_dora
     magnitudes = {k: t for k, t in tensors.items() if "lora_magnitude_vector" in k}
     assert len(magnitudes) == 6 and all(t.shape in ((96,), (32,)) for t in magnitudes.values())  # c_attn, 2 c_proj

@@ -7,7 +7,7 @@ import torch
 from transformers import MistralConfig, MistralForCausalLM
 
 from lorakit import BASE_ADAPTER, AdapterLoadError, LoraConfig, PeftModel, get_peft_model
-from lorakit.io import read_adapter
+from lorakit.adapter_format import read_adapter
 from lorakit.layers import LoraLayer
 from lorakit.serve.engine import Engine, Output, SamplingParams, TextStream, sample_token
 

@@ -108,8 +108,8 @@ def test_least_recently_used_idle_adapter_is_evicted(root):
 
 def test_concurrent_requests_share_one_load(root, monkeypatch):
     reads = []
-    real_read = registry_module.io.read_adapter
-    monkeypatch.setattr(registry_module.io, "read_adapter", lambda path: reads.append(path) or real_read(path))
+    real_read = registry_module.adapter_format.read_adapter
+    monkeypatch.setattr(registry_module.adapter_format, "read_adapter", lambda path: reads.append(path) or real_read(path))
 
     async def test(registry, engine):
         names = await asyncio.gather(*[registry.acquire("a") for _ in range(5)])
@@ -120,8 +120,8 @@ def test_concurrent_requests_share_one_load(root, monkeypatch):
 
 def test_reading_files_does_not_hold_up_the_engine(root, monkeypatch):
     disk = threading.Event()
-    real_read = registry_module.io.read_adapter
-    monkeypatch.setattr(registry_module.io, "read_adapter", lambda path: disk.wait(30) and real_read(path))
+    real_read = registry_module.adapter_format.read_adapter
+    monkeypatch.setattr(registry_module.adapter_format, "read_adapter", lambda path: disk.wait(30) and real_read(path))
 
     async def test(registry, engine):
         loading = asyncio.ensure_future(registry.acquire("b"))

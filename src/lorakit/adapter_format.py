@@ -31,6 +31,7 @@ from safetensors.torch import save as safetensors_bytes
 
 from .config import CONFIG_NAME, AdapterLoadError, LoraConfig, config_bytes, read_config
 from .files import write_files
+from .layers.routing import BASE_ADAPTER
 from .model_card import CARD_MARKER, CARD_NAME, model_card
 
 if TYPE_CHECKING:
@@ -40,9 +41,21 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_WEIGHTS_NAME = "adapter_model.bin"
 KEY_PREFIX = "base_model.model."
 DEFAULT_ADAPTER = "default"
+_ADAPTER_NAME = re.compile(r"[A-Za-z0-9_\-]+")
 
 
 # --- naming --------------------------------------------------------------------------------------
+
+def check_adapter_name(name: str) -> None:
+    """Adapter names are plain names: letters, digits, '_' and '-'.
+
+    Raises:
+        ValueError: the name is empty, reserved, or holds any other character ('.', '/', ...).
+    """
+    if not isinstance(name, str) or not _ADAPTER_NAME.fullmatch(name) or name == BASE_ADAPTER:
+        raise ValueError(f"invalid adapter name {name!r}: use letters, digits, '_' and '-' "
+                         f"(and not the reserved {BASE_ADAPTER!r})")
+
 
 def adapter_dir(save_directory: str | os.PathLike, adapter_name: str) -> Path:
     """Where PEFT keeps an adapter: the directory itself for "default", else a subfolder."""
