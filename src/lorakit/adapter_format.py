@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -63,6 +64,81 @@ def adapter_dir(save_directory: str | os.PathLike, adapter_name: str) -> Path:
     return root if adapter_name == DEFAULT_ADAPTER else root / adapter_name
 
 
+# --- the key grammar -------------------------------------------------------------------------------
+#
+# In the wrapped model (`LoraModel.model.state_dict()`), an adapter's own tensors are
+#     <module>.<tensor>.<adapter>[.weight|.bias]      tensor: lora_A, lora_B, lora_embedding_A/B,
+#                                                     lora_magnitude_vector (DoRA)
+#     <module>.modules_to_save.<adapter>.<rest>       a module trained in full
+# and the frozen originals are <module>.base_layer.<leaf> and <module>.original_module.<rest>.
+# In a file the adapter name goes and KEY_PREFIX comes first:
+#     base_model.model.<module>.<tensor>[.weight|.bias]    (DoRA's magnitude: no leaf)
+#     base_model.model.<module>.<rest>
+
+_STATE_TENSOR = re.compile(r"^(?P<module>.+)\.(?P<tensor>lora_[A-Za-z_]+)\.(?P<adapter>[A-Za-z0-9_\-]+)"
+                           r"(?:\.(?P<leaf>weight|bias))?$")
+_STATE_COPY = re.compile(r"^(?P<module>.+)\.modules_to_save\.(?P<adapter>[A-Za-z0-9_\-]+)(?P<rest>\..+)$")
+_ADAPTER_PART = re.compile(r"(^|\.)(lora_[A-Za-z_]+|modules_to_save)\.")
+_FILE_FACTOR = re.compile(r"^(?P<module>.+)\.lora_(?P<embedding>embedding_)?(?P<factor>[AB])(?:\.(?P<leaf>weight|bias))?$")
+
+
+@dataclass(frozen=True)
+class FactorKey:
+    """A LoRA factor's file key, parsed: `<module>.lora_[embedding_]<factor>[.<leaf>]`."""
+
+    module: str       # the adapted module's path in the user's model
+    factor: str       # "A" or "B"
+    embedding: bool   # an Embedding's factor (a bare parameter: no leaf)
+    leaf: str         # "weight", "bias" (lora_B's bias) or ""
+
+
+def is_adapter_tensor(state_key: str) -> bool:
+    """Whether a state key of the wrapped model belongs to some adapter (a LoRA factor, a DoRA
+    magnitude, a modules_to_save copy) rather than to the base model."""
+    return _ADAPTER_PART.search(state_key) is not None
+
+
+def is_frozen_original(state_key: str) -> bool:
+    """Whether a state key is the original of a module trained in full (`<module>.original_module.`)."""
+    return ".original_module." in state_key or state_key.startswith("original_module.")
+
+
+def file_key(state_key: str, adapter_name: str) -> str | None:
+    """The file key of one of `adapter_name`'s own tensors, None for any other state key."""
+    match = _STATE_TENSOR.match(state_key)
+    if match and match["adapter"] == adapter_name:
+        leaf = "" if match["tensor"] == "lora_magnitude_vector" or not match["leaf"] else "." + match["leaf"]
+        return f"{KEY_PREFIX}{match['module']}.{match['tensor']}{leaf}"
+    match = _STATE_COPY.match(state_key)
+    if match and match["adapter"] == adapter_name:
+        return f"{KEY_PREFIX}{match['module']}{match['rest']}"
+    return None
+
+
+def adapted_module(state_key: str) -> str:
+    """The path of the LoRA layer owning a `<module>.lora_*...` state key."""
+    match = _STATE_TENSOR.match(state_key)
+    if match is None:
+        raise ValueError(f"{state_key!r} is not a LoRA tensor's state key")
+    return match["module"]
+
+
+def parse_factor_key(key: str) -> FactorKey | None:
+    """A LoRA factor's file key (with or without KEY_PREFIX) parsed, None for any other key."""
+    match = _FILE_FACTOR.match(key.removeprefix(KEY_PREFIX))
+    if match is None:
+        return None
+    return FactorKey(match["module"], match["factor"], bool(match["embedding"]), match["leaf"] or "")
+
+
+def module_of_file_key(key: str) -> str:
+    """The module a file key belongs to: the adapted module of a factor, else the key without its leaf."""
+    factor = parse_factor_key(key)
+    if factor is not None:
+        return factor.module
+    return key.removeprefix(KEY_PREFIX).rsplit(".", 1)[0]
+
+
 def key_map(lora_model: LoraModel, adapter_name: str,
             state: dict[str, torch.Tensor] | None = None) -> tuple[dict[str, str], dict[str, str]]:
     """File keys of an adapter, mapped to model state keys.
@@ -75,28 +151,16 @@ def key_map(lora_model: LoraModel, adapter_name: str,
         the adapter trains them, the base weight of an adapted embedding, which PEFT saves).
         Only `required` and the biases are written by `save_adapter`.
     """
-    name = re.escape(adapter_name)
-    own = [
-        re.compile(rf"^(.*\.lora_[A-Za-z_]+)\.{name}(\.weight|\.bias)?$"),  # lora_A.<n>.weight, lora_embedding_A.<n>
-        re.compile(rf"^(.*)\.modules_to_save\.{name}(\..*)$"),            # head.modules_to_save.<n>.weight
-    ]
     config = lora_model.peft_config[adapter_name]
     layers = [(path, layer) for path, layer in lora_model.lora_layers() if adapter_name in layer.adapters]
     adapted = {path for path, _ in layers}
     embeddings = {path for path, layer in layers if "lora_embedding_A" in layer.factor_names}
     required, optional = {}, {}
     for state_key in (state if state is not None else lora_model.model.state_dict(keep_vars=True)):
-        for pattern in own:
-            match = pattern.match(state_key)
-            if match:
-                suffix = match.group(2) or ""
-                if match.group(1).endswith(".lora_magnitude_vector"):
-                    suffix = ""  # DoRA's magnitude: PEFT's file key has no ".weight" (`<module>.lora_magnitude_vector`)
-                required[KEY_PREFIX + match.group(1) + suffix] = state_key
-                break
-        else:
-            if re.search(r"\.(lora_[A-Za-z_]+|modules_to_save|original_module)\.", state_key):
-                continue  # another adapter's tensors, or a frozen original
+        own = file_key(state_key, adapter_name)
+        if own is not None:
+            required[own] = state_key
+        elif not is_adapter_tensor(state_key) and not is_frozen_original(state_key):  # a base tensor
             module_path, _, leaf = state_key.rpartition(".")
             owner = module_path.removesuffix(".base_layer")
             if leaf == "bias" and (config.bias == "all" or config.bias == "lora_only" and owner in adapted):
@@ -264,8 +328,7 @@ def _replace_parameter(modules: dict[str, torch.nn.Module], state_key: str, old:
                        tensor: torch.Tensor) -> None:
     """Swap a meta-device factor for a parameter holding `tensor`, on its layer's base device."""
     owner_path, _, leaf = state_key.rpartition(".")
-    layer_path = re.match(r"(.*?)\.lora_[A-Za-z_]+(\.|$)", state_key).group(1)
-    device = modules[layer_path].base_weight.device
+    device = modules[adapted_module(state_key)].base_weight.device
     value = tensor.to(device=device, dtype=old.dtype)
     setattr(modules[owner_path], leaf, torch.nn.Parameter(value, requires_grad=old.requires_grad))
 

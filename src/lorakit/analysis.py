@@ -19,7 +19,6 @@ import io as io_bytes
 import json as jsonlib
 import math
 import os
-import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -27,10 +26,9 @@ from typing import Any, Optional
 import torch
 
 from .files import atomic_write
-from .adapter_format import KEY_PREFIX, PICKLE_WEIGHTS_NAME, WEIGHTS_NAME, read_adapter
+from .adapter_format import (PICKLE_WEIGHTS_NAME, WEIGHTS_NAME, module_of_file_key, parse_factor_key,
+                             read_adapter)
 
-# "base_model.model.<path>.lora_A.weight" (Linear, Conv), "<path>.lora_embedding_A" (Embedding)
-_FACTOR_KEY = re.compile(rf"^{re.escape(KEY_PREFIX)}(.+)\.lora_(embedding_)?([AB])(\.weight)?$")
 ENERGY_RANK_THRESHOLD = 0.99  # r99: directions holding 99% of ||ΔW||_F²
 
 
@@ -146,9 +144,9 @@ def adapter_factors(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[torch.T
     """
     halves: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
-        match = _FACTOR_KEY.match(key)
-        if match:
-            halves.setdefault(match.group(1), {})[match.group(3)] = tensor
+        factor = parse_factor_key(key)
+        if factor is not None and factor.leaf != "bias":
+            halves.setdefault(factor.module, {})[factor.factor] = tensor
     broken = [path for path, pair in halves.items() if set(pair) != {"A", "B"}]
     if broken:
         raise ValueError(f"adapter has unpaired LoRA factors for {broken[:3]}")
@@ -158,9 +156,7 @@ def adapter_factors(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[torch.T
 def _module_type(key: str) -> str:
     """Group name of a file key for the parameter count: the owning module's last name
     (q_proj for `...q_proj.lora_A.weight`, `...q_proj.lora_B.bias` and `...q_proj.bias`)."""
-    path = re.sub(r"\.lora_(embedding_)?[AB](\.weight|\.bias)?$", "", key.removeprefix(KEY_PREFIX))
-    path = re.sub(r"\.(weight|bias)$", "", path)
-    return path.rsplit(".", 1)[-1]
+    return module_of_file_key(key).rsplit(".", 1)[-1]
 
 
 def inspect_adapter(adapter: str, base: Optional[str] = None, top_k: int = 4, plot: Optional[str] = None,

@@ -1,4 +1,4 @@
-"""Combining adapters into a new one: `add_weighted_adapter` (PEFT's maths) and `lorakit combine`.
+"""Combining adapters into a new one: `add_weighted_adapter` (PEFT's maths).
 
 For adapters i with weights w_i and scalings s_i, on each layer that any of them adapts
 (factors A_i: (r_i, in, ...), B_i: (out, r_i, ...); a layer without adapter i skips it), the new
@@ -30,15 +30,15 @@ keeps that input's trained copy (PEFT starts the new copy from the original modu
 inputs are refused (their factors apply to a residual base: convert them first, `lorakit.convert`);
 ties/dare/magnitude_prune are not implemented.
 
-The command `lorakit combine A,B,... OUT` loads the base, the adapters, combines and saves.
+The command `lorakit combine A,B,... OUT` (in `lorakit.export`) loads the base and the adapters,
+combines them with this module and saves the result.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -51,7 +51,7 @@ from .targeting import matches, resolve_target_modules, select_targets
 if TYPE_CHECKING:
     from .model import LoraModel
 
-__all__ = ["COMBINATION_TYPES", "add_weighted_adapter", "combine", "combine_layer", "combined_rank"]
+__all__ = ["COMBINATION_TYPES", "add_weighted_adapter", "combine_layer", "combined_rank"]
 
 COMBINATION_TYPES = ("svd", "linear", "cat")
 _PEFT_ONLY_TYPES = ("ties", "ties_svd", "dare_ties", "dare_linear", "dare_ties_svd", "dare_linear_svd",

@@ -30,7 +30,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import re
 import warnings
 from pathlib import Path
 
@@ -42,9 +41,6 @@ from .layers import init as weight_init
 
 __all__ = ["ConversionError", "converted_adapter", "convert_to_lora"]
 
-# File keys of LoRA factors: `<module>.lora_A.weight`, `<module>.lora_embedding_B`, ...
-_FACTOR_KEY = re.compile(r"\.lora_(?:embedding_)?(?P<which>[AB])(?:\.weight)?$")
-_LORA_BIAS_KEY = re.compile(r"\.lora_B\.bias$")
 # Fields that fix each module's rank and scaling: they must agree between the two adapters.
 _SCALING_FIELDS = ("r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern")
 
@@ -82,7 +78,8 @@ def converted_adapter(config: LoraConfig, tensors: dict[str, torch.Tensor], init
     if differ:
         pairs = ", ".join(f"{f}={getattr(initial_config, f)!r} vs {getattr(config, f)!r}" for f in differ)
         raise ConversionError(f"{where} does not match the trained adapter: {pairs}")
-    factor_keys = sorted(k for k in tensors if _FACTOR_KEY.search(k))
+    parsed = {k: adapter_format.parse_factor_key(k) for k in tensors}
+    factor_keys = sorted(k for k, f in parsed.items() if f is not None and f.leaf != "bias")
     missing = [k for k in factor_keys if k not in initial_tensors]
     if missing:
         raise ConversionError(f"{where} lacks {len(missing)} factors of the trained adapter, e.g. {missing[:3]}; "
@@ -93,13 +90,13 @@ def converted_adapter(config: LoraConfig, tensors: dict[str, torch.Tensor], init
         raise ConversionError(f"{where}: factor shapes differ from the trained adapter's: {shapes[:3]}")
     out: dict[str, torch.Tensor] = {}
     for key, tensor in tensors.items():
-        match = _FACTOR_KEY.search(key)
+        factor = parsed[key]
         initial = initial_tensors.get(key)
-        if match and match.group("which") == "A":
+        if factor is not None and factor.leaf != "bias" and factor.factor == "A":
             out[key] = torch.cat([tensor, initial.to(tensor.dtype)], dim=0)  # [A; A0]: (2r, ...)
-        elif match:
+        elif factor is not None and factor.leaf != "bias":
             out[key] = torch.cat([tensor, -initial.to(tensor.dtype)], dim=1)  # [B, -B0]: (out, 2r, ...)
-        elif _LORA_BIAS_KEY.search(key) and initial is not None:
+        elif factor is not None and factor.factor == "B" and initial is not None:  # lora_B's bias
             out[key] = tensor - initial.to(tensor.dtype)  # (out,)
         else:
             out[key] = tensor

@@ -17,6 +17,7 @@ the model the adapter was trained with on a 4-bit base, rather than the float ba
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from pathlib import Path
 from typing import Literal

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import re
 import sys
 import uuid
 import warnings
@@ -386,7 +385,8 @@ class LoraModel(nn.Module):
                 p.requires_grad_(True)
         if config.bias == "all":
             for name, p in self.model.named_parameters():
-                if name.endswith("bias") and not re.search(r"(^|\.)(lora_[A-Za-z_]+|modules_to_save|original_module)\.", name):
+                if name.endswith("bias") and not (adapter_format.is_adapter_tensor(name)
+                                                  or adapter_format.is_frozen_original(name)):
                     p.requires_grad_(True)
         elif config.bias == "lora_only":
             for _, wrapper in wrappers:

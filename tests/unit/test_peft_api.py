@@ -369,3 +369,24 @@ def test_what_lorakit_does_not_implement_is_named_when_imported_or_configured():
     assert config.r == 4 and dataclasses.replace(config, r=2).r == 2
     with pytest.raises(ValueError, match="mixed=True"):
         get_peft_model(tiny_llama(), qv(), mixed=True)
+
+
+def test_the_key_grammar_parses_and_builds_every_kind_of_key():
+    from lorakit import adapter_format as fmt
+
+    assert fmt.file_key("model.layers.0.q_proj.lora_A.default.weight", "default") == \
+        "base_model.model.model.layers.0.q_proj.lora_A.weight"
+    assert fmt.file_key("model.layers.0.q_proj.lora_A.default.weight", "other") is None
+    assert fmt.file_key("embed.lora_embedding_B.my-adapter", "my-adapter") == "base_model.model.embed.lora_embedding_B"
+    assert fmt.file_key("l.q.lora_magnitude_vector.default.weight", "default") == "base_model.model.l.q.lora_magnitude_vector"
+    assert fmt.file_key("score.modules_to_save.default.weight", "default") == "base_model.model.score.weight"
+    assert fmt.file_key("l.q.base_layer.weight", "default") is None
+    assert fmt.is_adapter_tensor("l.q.lora_B.x.bias") and not fmt.is_adapter_tensor("l.q.base_layer.bias")
+    assert fmt.is_frozen_original("score.original_module.weight")
+    assert fmt.adapted_module("a.b.lora_B.default.weight") == "a.b"
+    factor = fmt.parse_factor_key("base_model.model.a.b.lora_B.bias")
+    assert (factor.module, factor.factor, factor.embedding, factor.leaf) == ("a.b", "B", False, "bias")
+    assert fmt.parse_factor_key("base_model.model.e.lora_embedding_A").embedding
+    assert fmt.parse_factor_key("base_model.model.a.b.bias") is None
+    assert fmt.module_of_file_key("base_model.model.a.b.bias") == "a.b"
+    assert fmt.module_of_file_key("base_model.model.a.q.lora_A.weight") == "a.q"

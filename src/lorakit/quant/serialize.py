@@ -25,7 +25,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import re
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +33,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from lorakit.adapter_format import is_adapter_tensor
 from lorakit.quant.linear4bit import Linear4bit
 
 __all__ = ["FORMAT", "QUANT_CONFIG_NAME", "WEIGHTS_NAME", "load_quantized", "save_quantized"]
@@ -44,8 +44,6 @@ QUANT_CONFIG_NAME = "quantization.json"
 WEIGHTS_NAME = "model.safetensors"
 
 _DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64)}
-# state keys of a wrapped model that are not part of the base model
-_ADAPTER_KEY = re.compile(r"(^|\.)(lora_[A-Za-z_]+|modules_to_save)\.")
 
 
 def _dtype_name(dtype: torch.dtype | None) -> str | None:
@@ -80,7 +78,7 @@ def base_state(model: nn.Module) -> dict[str, torch.Tensor]:
     if merged:
         raise ValueError(f"an adapter is merged into {merged[0]} (and {len(merged) - 1} more); "
                          "unmerge_adapter() before saving the base model")
-    return {_base_key(k): v for k, v in module.state_dict(keep_vars=True).items() if not _ADAPTER_KEY.search(k)}
+    return {_base_key(k): v for k, v in module.state_dict(keep_vars=True).items() if not is_adapter_tensor(k)}
 
 
 def quantized_layers(model: nn.Module) -> dict[str, dict[str, Any]]:
