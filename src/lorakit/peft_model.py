@@ -97,11 +97,23 @@ class PeftModel(nn.Module):
     """
 
     def __init__(self, model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default",
-                 autocast_adapter_dtype: bool = True, low_cpu_mem_usage: bool = False,
-                 _tensors: dict[str, torch.Tensor] | None = None, _source: str = "") -> None:
+                 autocast_adapter_dtype: bool = True, low_cpu_mem_usage: bool = False) -> None:
         super().__init__()
-        self.base_model = LoraModel(model, peft_config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage,
-                                    tensors=_tensors, source=_source)
+        self.base_model = LoraModel(model, peft_config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
+
+    @classmethod
+    def from_tensors(cls, model: nn.Module, peft_config: LoraConfig, tensors: dict[str, torch.Tensor],
+                     adapter_name: str = "default", source: str = "") -> PeftModel:
+        """A PeftModel whose first adapter is loaded from tensors already read and checked on their
+        own (`adapter_format.read_adapter`); see `LoraModel.add_adapter_from_tensors`.
+
+        Raises:
+            AdapterLoadError: the tensors do not fit the model (named); the model is left as it was.
+        """
+        peft_model = cls.__new__(cls)
+        nn.Module.__init__(peft_model)
+        peft_model.base_model = LoraModel(model, peft_config, adapter_name, tensors=tensors, source=source)
+        return peft_model
 
     def __getattr__(self, name: str):
         try:
@@ -288,7 +300,7 @@ class PeftModel(nn.Module):
         file_config, tensors = adapter_format.read_adapter(folder, allow_pickle=allow_pickle)
         config = dataclasses.replace(config or file_config, inference_mode=not is_trainable)
         target_cls = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(config.task_type, cls) if cls is PeftModel else cls
-        peft_model = target_cls(model, config, adapter_name, _tensors=tensors, _source=str(folder))
+        peft_model = target_cls.from_tensors(model, config, tensors, adapter_name, source=str(folder))
         peft_model._cast_adapter(adapter_name, dtype or torch_dtype)
         return peft_model
 

@@ -48,7 +48,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import adapter_format
 from ..config import LoraConfig
 from ..layers import BASE_ADAPTER
 from ..peft_model import PeftModel
@@ -380,14 +379,8 @@ class Engine:
         return self.run_between_steps(lambda: self._detach(name))
 
     def _attach(self, name: str, config: LoraConfig, tensors: dict[str, torch.Tensor], source: str) -> None:
-        if self._peft is None:
-            peft = PeftModel(self._base, config, name, low_cpu_mem_usage=True)  # wraps the targets in place
-            try:
-                adapter_format.load_weights(peft.base_model, name, tensors, source=source)
-            except Exception:
-                peft.base_model.remove_adapter(name)  # unwrap: the base is as it was
-                raise
-            self._peft = peft
+        if self._peft is None:  # wraps the targets in place; on any error the base is as it was
+            self._peft = PeftModel.from_tensors(self._base, config, tensors, name, source=source)
             return
         self._peft.base_model.add_adapter_from_tensors(name, config, tensors, source=source)
 
