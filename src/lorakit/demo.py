@@ -30,9 +30,10 @@ def peak_rss_gib() -> float:
 def score_model(model, tokenizer, examples: list[dict], max_new_tokens: int, batch_size: int):
     """(predictions, Score) of greedy answers on task examples, prompted exactly as in training."""
     from .generate import generate_batch
-    from .train import data, tasks
+    from .prompts import encode_prompt
+    from .train import tasks
 
-    prompts = [data.encode_prompt(example, tokenizer) for example in examples]
+    prompts = [encode_prompt(example, tokenizer) for example in examples]
     predictions = generate_batch(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
     return predictions, tasks.score_predictions(predictions, [example["output"] for example in examples])
 

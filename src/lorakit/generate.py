@@ -9,6 +9,8 @@ from typing import Literal
 
 import torch
 
+from . import prompts
+
 
 def generate(
     prompt: str,
@@ -61,11 +63,10 @@ def generate(
 
 def encode_prompt(tokenizer, prompt: str, chat: bool = True, system: str | None = None) -> torch.Tensor:
     """Token ids (1, T) of a prompt, through the chat template when `chat` and the tokenizer has one."""
-    if chat and getattr(tokenizer, "chat_template", None):
+    if chat and prompts.has_chat_template(tokenizer):
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
-    return tokenizer(prompt, return_tensors="pt").input_ids
+        return torch.tensor([prompts.encode_messages(tokenizer, messages)])
+    return torch.tensor([prompts.encode_text(tokenizer, prompt)])
 
 
 @torch.no_grad()
@@ -76,7 +77,7 @@ def generate_batch(model, tokenizer, prompts: list[list[int]], max_new_tokens: i
     Args:
         model: A transformers model or PeftModel.
         tokenizer: Its tokenizer (for the pad/EOS ids and decoding).
-        prompts: Token ids of each prompt (e.g. from `lorakit.train.data.encode_prompt`).
+        prompts: Token ids of each prompt (e.g. from `lorakit.prompts.encode_prompt`).
         max_new_tokens: Most tokens generated per prompt.
         batch_size: Prompts per generate call.
         adapter_names: Per-prompt adapter names for a PeftModel (mixed-adapter batches).

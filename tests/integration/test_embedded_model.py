@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from lorakit import PeftModel
+from lorakit import PeftModel, prompts
 from lorakit.hub import load_model_and_tokenizer
 from lorakit.train import data, tasks
 from lorakit.train.loop import train
@@ -27,7 +27,7 @@ def test_train_a_few_steps_and_reload(tmp_path):
     model = PeftModel.from_pretrained(base, summary["adapter"])
     assert len(list(model.base_model.lora_layers())) == 2 * 30
     example = data.read_jsonl(eval_path)[0]
-    ids = torch.tensor([data.encode_prompt(example, tokenizer)])
+    ids = torch.tensor([prompts.encode_prompt(example, tokenizer)])
     with torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)
     assert out.shape[1] > ids.shape[1]

@@ -170,6 +170,12 @@ def seeded_dropout(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     return x.reshape(-1).index_fill(0, positions, 0.0).view(x.shape) * (1 / (1 - p))
 
 
+def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """The LoRA path's dropout, for every layer type: `seeded_dropout` with a fresh seed while
+    training with p > 0, else x itself."""
+    return seeded_dropout(x, p, draw_seed()) if p > 0 and training else x
+
+
 # --- input recipes ------------------------------------------------------------------------------
 
 @dataclass(frozen=True)

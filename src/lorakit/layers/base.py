@@ -278,10 +278,6 @@ class LoraLayer(nn.Module):
             bias.copy_((bias.float() + sign * spec.scaling * lora_b.float()).to(bias.dtype))
 
 
-def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-    """Dropout on the LoRA path only: identity when p == 0 or not training."""
-    return torch.nn.functional.dropout(x, p) if p > 0 and training else x
-
 
 def check_finite_merge(layers: list[tuple[str, LoraLayer]], names: list[str]) -> None:
     """safe_merge's check, before any weight changes: every merged weight must be finite.

@@ -156,9 +156,7 @@ class Linear(LoraLayer):
         """
         spec = self.adapters[name]
         a, b = self.lora_A[name], self.lora_B[name]
-        x = x.to(a.weight.dtype)  # (..., in)
-        if spec.dropout > 0 and self.training:
-            x = autograd.seeded_dropout(x, spec.dropout, autograd.draw_seed())
+        x = autograd.dropout(x.to(a.weight.dtype), spec.dropout, self.training)  # (..., in)
         return b(a(x)) * spec.scaling  # (..., r) -> (..., out)
 
     def dora_delta(self, x: torch.Tensor, name: str, result: torch.Tensor) -> torch.Tensor:

@@ -29,6 +29,7 @@ from torch import nn
 
 from ..config import AdapterLoadError
 from ..peft_model import PeftModel
+from ..prompts import encode_messages, encode_text, has_chat_template
 from .engine import Engine, Output, OutputStream, SamplingParams
 from .registry import (
     AdapterInUseError,
@@ -242,22 +243,21 @@ def _completion_prompt_ids(tokenizer: Any, prompt: str | list[str] | list[int], 
             raise ApiError(400, f"token ids must be in [0, {vocab_size}); got {bad[:5]}", param="prompt")
         return list(prompt)
     text = prompt if isinstance(prompt, str) else prompt[0]
-    ids = tokenizer(text)["input_ids"]
+    ids = encode_text(tokenizer, text)
     if not ids:
         raise ApiError(400, "the prompt has no tokens", param="prompt")
     return list(ids)
 
 
 def _chat_prompt_ids(tokenizer: Any, messages: list[ChatMessage]) -> list[int]:
-    if not getattr(tokenizer, "chat_template", None):
+    if not has_chat_template(tokenizer):
         raise ApiError(400, "this model's tokenizer has no chat template; use /v1/completions",
                        code="no_chat_template", param="messages")
     conversation = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
     try:
-        text = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+        ids = encode_messages(tokenizer, conversation)
     except Exception as err:  # templates raise jinja errors for conversations they refuse
         raise ApiError(400, f"the chat template refused these messages: {err}", param="messages") from err
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if not ids:
         raise ApiError(400, "the messages render to no tokens", param="messages")
     return list(ids)

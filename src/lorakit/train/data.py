@@ -9,11 +9,10 @@ tensors. It reads three example shapes, one JSON object per line:
   the tokenizer's chat template. The loss covers the assistant turns only.
 * text: ``{"text": str}``. The loss covers every token.
 
-Prompt tokens carry the label -100 (ignored by the loss). `render_prompt` is
-the single place that turns an example into prompt text, and `encode_prompt`
-the single place that turns it into token ids; training uses them, and so must
-generation and evaluation, so the model sees at inference exactly the prompt
-it was trained on.
+Prompt tokens carry the label -100 (ignored by the loss). Prompts are rendered
+and encoded by `lorakit.prompts` (`render_prompt`, `encode_prompt`), which
+generation, evaluation and the server use too, so the model sees at inference
+exactly the prompt it was trained on.
 
 A malformed line raises `DataError`, naming the file, the 1-based line number
 and the problem.
@@ -29,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from ..prompts import encode_prompt, require_chat_template
+
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100  # label of tokens that carry no loss (prompt, padding)
@@ -36,9 +37,6 @@ IGNORE_INDEX = -100  # label of tokens that carry no loss (prompt, padding)
 ALPACA, CHAT, TEXT = "alpaca", "chat", "text"
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 
-# Used for Alpaca examples when the tokenizer has no chat template.
-PLAIN_PROMPT_WITH_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
-PLAIN_PROMPT_NO_INPUT = "### Instruction:\n{instruction}\n\n### Response:\n"
 
 
 class DataError(ValueError):
@@ -240,86 +238,6 @@ def load_splits(
 
 
 # --------------------------------------------------------------------------
-# Prompts: shared by training and inference
-# --------------------------------------------------------------------------
-
-
-def _has_chat_template(tokenizer) -> bool:
-    return bool(getattr(tokenizer, "chat_template", None))
-
-
-def _alpaca_user_text(example: dict) -> str:
-    if example.get("input"):
-        return f"{example['instruction']}\n\n{example['input']}"
-    return example["instruction"]
-
-
-def _require_chat_template(tokenizer) -> None:
-    if not _has_chat_template(tokenizer):
-        raise ValueError("chat examples need a tokenizer with a chat template, and this one has none")
-
-
-def render_prompt(example: dict, tokenizer) -> str:
-    """The prompt text for an example: what the model is given to continue.
-
-    For an Alpaca example: with a chat template, the instruction (and input,
-    after a blank line) as one user message, rendered with the generation
-    prompt; without one, the plain "### Instruction / ### Input / ### Response"
-    template. For a chat example: the messages, less a final assistant
-    message (the response to predict), rendered with the generation prompt. Training puts exactly this
-    text before the response, so inference must use it too.
-
-    Args:
-        example: An Alpaca or chat example (a dict as read by `read_jsonl`, or
-            built in code, e.g. ``{"instruction": ..., "input": ...}``; the
-            output and final assistant message are not needed).
-        tokenizer: A Hugging Face tokenizer.
-
-    Returns:
-        The prompt text.
-
-    Raises:
-        ValueError: For a plain-text example (it has no prompt), or a chat
-            example with a tokenizer that has no chat template.
-    """
-    if "messages" in example:
-        _require_chat_template(tokenizer)
-        messages = example["messages"]
-        if messages and messages[-1]["role"] == "assistant":
-            messages = messages[:-1]
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    if "instruction" in example:
-        if _has_chat_template(tokenizer):
-            user = {"role": "user", "content": _alpaca_user_text(example)}
-            return tokenizer.apply_chat_template([user], tokenize=False, add_generation_prompt=True)
-        if example.get("input"):
-            return PLAIN_PROMPT_WITH_INPUT.format(instruction=example["instruction"], input=example["input"])
-        return PLAIN_PROMPT_NO_INPUT.format(instruction=example["instruction"])
-    raise ValueError("plain-text examples have no prompt: their loss covers every token")
-
-
-def _prompt_adds_special_tokens(tokenizer) -> bool:
-    # A chat template writes its own special tokens (BOS included) into the
-    # text; the plain template does not, so the tokenizer adds its own.
-    return not _has_chat_template(tokenizer)
-
-
-def encode_prompt(example: dict, tokenizer) -> list[int]:
-    """The prompt token ids for an example, exactly as training uses them.
-
-    Args:
-        example: See `render_prompt`.
-        tokenizer: A Hugging Face tokenizer.
-
-    Returns:
-        Token ids of `render_prompt(example, tokenizer)`; special tokens (e.g.
-        BOS) are added by the tokenizer only for the plain template.
-    """
-    text = render_prompt(example, tokenizer)
-    return tokenizer(text, add_special_tokens=_prompt_adds_special_tokens(tokenizer))["input_ids"]
-
-
-# --------------------------------------------------------------------------
 # Tokenization with loss masks
 # --------------------------------------------------------------------------
 
@@ -393,7 +311,7 @@ def tokenize_example(example: dict, tokenizer, max_seq_len: int) -> dict[str, li
         input_ids = prompt + response
         labels = [IGNORE_INDEX] * len(prompt) + response
     elif shape == CHAT:
-        _require_chat_template(tokenizer)
+        require_chat_template(tokenizer)
         segments = _chat_segments(example["messages"], tokenizer)
         input_ids, labels = [], []
         for text, trained in segments:

@@ -12,6 +12,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
+from lorakit import prompts
 from lorakit.train import data
 from lorakit.train.data import IGNORE_INDEX as X
 
@@ -73,7 +74,7 @@ def test_alpaca_with_chat_template_masks_the_prompt(tok):
 
 def test_alpaca_input_follows_instruction_in_the_user_message(tok):
     example = {"instruction": "say", "input": "hello world", "output": "hi"}
-    assert data.render_prompt(example, tok) == (
+    assert prompts.render_prompt(example, tok) == (
         "<|im_start|>user\nsay\n\nhello world<|im_end|>\n<|im_start|>assistant\n"
     )
     feature = data.tokenize_example(example, tok, max_seq_len=64)
@@ -84,7 +85,7 @@ def test_alpaca_input_follows_instruction_in_the_user_message(tok):
 def test_alpaca_plain_template_without_chat_template_adds_bos():
     tok = make_tokenizer(chat_template=None, add_bos=True)
     example = {"instruction": "add two and three", "input": "", "output": "five"}
-    assert data.render_prompt(example, tok) == "### Instruction:\nadd two and three\n\n### Response:\n"
+    assert prompts.render_prompt(example, tok) == "### Instruction:\nadd two and three\n\n### Response:\n"
     feature = data.tokenize_example(example, tok, max_seq_len=64)
     prompt = ids("<s> ### Instruction: add two and three ### Response:")
     assert feature["input_ids"] == prompt + ids("five <|im_end|>")
@@ -94,18 +95,18 @@ def test_alpaca_plain_template_without_chat_template_adds_bos():
 def test_plain_template_with_input():
     tok = make_tokenizer(chat_template=None)
     example = {"instruction": "say", "input": "hello", "output": "hi"}
-    assert data.render_prompt(example, tok) == "### Instruction:\nsay\n\n### Input:\nhello\n\n### Response:\n"
+    assert prompts.render_prompt(example, tok) == "### Instruction:\nsay\n\n### Input:\nhello\n\n### Response:\n"
 
 
 def test_prompt_used_in_training_is_the_inference_prompt(tok):
     example = {"instruction": "say", "input": "hello world", "output": "hi there"}
-    prompt_ids = data.encode_prompt({"instruction": "say", "input": "hello world"}, tok)
+    prompt_ids = prompts.encode_prompt({"instruction": "say", "input": "hello world"}, tok)
     feature = data.tokenize_example(example, tok, max_seq_len=64)
     n = len(prompt_ids)
     assert feature["input_ids"][:n] == prompt_ids
     assert feature["labels"][:n] == [X] * n
     assert all(label != X for label in feature["labels"][n:])
-    rendered = data.render_prompt(example, tok)
+    rendered = prompts.render_prompt(example, tok)
     assert tok(rendered, add_special_tokens=False)["input_ids"] == prompt_ids
 
 
@@ -147,8 +148,8 @@ def test_chat_appends_eos_when_the_template_does_not_end_with_it():
 def test_chat_render_prompt_drops_the_final_assistant_message(tok):
     messages = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi"}]
     expected = "<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n"
-    assert data.render_prompt({"messages": messages}, tok) == expected
-    assert data.render_prompt({"messages": messages[:1]}, tok) == expected
+    assert prompts.render_prompt({"messages": messages}, tok) == expected
+    assert prompts.render_prompt({"messages": messages[:1]}, tok) == expected
 
 
 def test_chat_template_that_is_not_prefix_stable_is_rejected():
@@ -176,7 +177,7 @@ def test_text_loss_on_every_token():
     assert feature["input_ids"] == ids("<s> hello world <|im_end|>")
     assert feature["labels"] == feature["input_ids"]
     with pytest.raises(ValueError, match="no prompt"):
-        data.render_prompt({"text": "hello world"}, tok)
+        prompts.render_prompt({"text": "hello world"}, tok)
 
 
 def test_truncation_cuts_on_the_right(tok):
