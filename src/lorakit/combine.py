@@ -195,7 +195,7 @@ def add_weighted_adapter(lora_model: LoraModel, adapters: list[str], weights: li
     if not adapters:
         raise ValueError("adapters is empty: name at least one adapter to combine")
     for name in adapters:
-        lora_model._check_exists(name)
+        lora_model.check_exists(name)
     if len(set(adapters)) != len(adapters):
         raise ValueError(f"adapters lists an adapter twice: {adapters}")
     if weights is None or len(weights) != len(adapters):
@@ -249,8 +249,7 @@ def add_weighted_adapter(lora_model: LoraModel, adapters: list[str], weights: li
                 module = lora_model.model.get_submodule(path)
                 module.modules_to_save[adapter_name].load_state_dict(module.modules_to_save[source].state_dict())
     except Exception:
-        lora_model._remove_everywhere(adapter_name)
-        del lora_model.peft_config[adapter_name]
+        lora_model.remove_adapter(adapter_name)
         raise
 
 

@@ -67,6 +67,16 @@ def shared_registry(model: nn.Module) -> dict[str, LoraConfig] | None:
     return None
 
 
+@dataclasses.dataclass
+class _Undo:
+    """The state `LoraModel._restore` puts back after a failed injection or load."""
+
+    active_adapter: str
+    routing: list[tuple[LoraLayer | ModulesToSave, list[str]]]  # each wrapper's active adapters
+    flags: dict[int, bool]                                      # requires_grad by parameter identity
+    base_weights: list[tuple[torch.Tensor, torch.Tensor]]       # (weight, copy) rewritten by PiSSA/OLoRA
+
+
 class LoraModel(nn.Module):
     """Holds the user's model and the adapters injected into it.
 
@@ -126,10 +136,12 @@ class LoraModel(nn.Module):
             if isinstance(module, LoraLayer):
                 yield path, module
 
-    def _wrappers(self) -> list[tuple[str, LoraLayer | ModulesToSave]]:
+    def wrappers(self) -> list[tuple[str, LoraLayer | ModulesToSave]]:
+        """(path, wrapper) of every LoRA layer and modules_to_save copy holder in the model."""
         return [(p, m) for p, m in self.model.named_modules() if isinstance(m, (LoraLayer, ModulesToSave))]
 
-    def _replace(self, path: str, new: nn.Module) -> None:
+    def replace_module(self, path: str, new: nn.Module) -> None:
+        """Put `new` at `path` in the user's model (where a wrapper or its base goes)."""
         parent_path, _, child = path.rpartition(".")
         parent = self.model.get_submodule(parent_path) if parent_path else self.model
         setattr(parent, child, new)
@@ -153,6 +165,10 @@ class LoraModel(nn.Module):
             TargetError: the config's targets match nothing in the model.
             TypeError: a target is a layer type LoRA cannot wrap.
         """
+        self._inject(adapter_name, config, low_cpu_mem_usage)
+
+    def _inject(self, adapter_name: str, config: LoraConfig, low_cpu_mem_usage: bool) -> _Undo:
+        """`add_adapter`'s work; returns what undoes it beyond removing the adapter (`_restore`)."""
         check_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
             raise ValueError(f"an adapter named {adapter_name!r} already exists")
@@ -163,6 +179,9 @@ class LoraModel(nn.Module):
         if stale:
             raise ValueError(f"adapter {adapter_name!r} already exists in {len(stale)} layers (e.g. {stale[0]}) but "
                              "not in this model's registry; remove it (remove_adapter) or pick another name")
+        # PiSSA/OLoRA rewrite base weights: keep a copy, so that a failure (here or in a load that
+        # follows) can put them back
+        undo = self._undo_point(targets if weight_init.rewrites_base_weight(config.init_lora_weights) else [])
         created: list[tuple[str, nn.Module]] = []   # (path, original module) of each wrapper made here
         touched: list[LoraLayer | ModulesToSave] = []  # wrappers the adapter was added to
         try:
@@ -171,7 +190,7 @@ class LoraModel(nn.Module):
                 layer = self.model.get_submodule(path)
                 if not isinstance(layer, LoraLayer):
                     original, layer = layer, dispatch.wrap(layer, config)
-                    self._replace(path, layer)
+                    self.replace_module(path, layer)
                     created.append((path, original))
                 spec = AdapterSpec(r=config.rank_for(path), alpha=config.alpha_for(path), dropout=config.lora_dropout,
                                    use_rslora=config.use_rslora, lora_bias=config.lora_bias,
@@ -198,7 +217,7 @@ class LoraModel(nn.Module):
                 module = self.model.get_submodule(path)
                 if not isinstance(module, ModulesToSave):
                     original, module = module, ModulesToSave(module)
-                    self._replace(path, module)
+                    self.replace_module(path, module)
                     created.append((path, original))
                 touched.append(module)
                 module.add_adapter(adapter_name)
@@ -208,10 +227,33 @@ class LoraModel(nn.Module):
             for wrapper in touched:
                 wrapper.delete_adapter(adapter_name)
             for path, original in reversed(created):
-                self._replace(path, original)
+                self.replace_module(path, original)
+            self._restore(undo)
             raise
         self.peft_config[adapter_name] = config
         self.set_adapter(self.active_adapter if self.active_adapter in self.peft_config else adapter_name)
+        return undo
+
+    def _undo_point(self, rewritten_paths: list[str]) -> _Undo:
+        """What an injection or load may change besides adding its adapter: which adapter each
+        wrapper runs, the active adapter, trainable flags, and the base weights at
+        `rewritten_paths` (copied: only PiSSA/OLoRA rewrite them)."""
+        weights = []
+        for path in rewritten_paths:
+            module = self.model.get_submodule(path)
+            weight = (module.base_layer if isinstance(module, LoraLayer) else module).weight
+            weights.append((weight, weight.detach().clone()))
+        return _Undo(self.active_adapter, [(w, list(w.active_adapters)) for _, w in self.wrappers()],
+                     self.trainable_flags(), weights)
+
+    def _restore(self, undo: _Undo) -> None:
+        with torch.no_grad():
+            for weight, saved in undo.base_weights:
+                weight.copy_(saved)
+        for wrapper, names in undo.routing:
+            wrapper.set_active(names)
+        self.active_adapter = undo.active_adapter
+        self.restore_trainable_flags(undo.flags)
 
     def replace_adapter(self, adapter_name: str, config: LoraConfig, low_cpu_mem_usage: bool = False,
                         tensors: dict[str, torch.Tensor] | None = None, source: str = "") -> None:
@@ -228,7 +270,7 @@ class LoraModel(nn.Module):
             KeyError: no such adapter.
             ValueError: it is merged into the base weights; or as for `add_adapter`.
         """
-        self._check_exists(adapter_name)
+        self.check_exists(adapter_name)
         if any(adapter_name in layer.merged_adapters for _, layer in self.lora_layers()):
             raise ValueError(f"adapter {adapter_name!r} is merged; unmerge_adapter() before replacing it")
         staging = f"{adapter_name}-replacing-{uuid.uuid4().hex[:8]}"
@@ -239,7 +281,7 @@ class LoraModel(nn.Module):
             self.add_adapter(staging, config, low_cpu_mem_usage=low_cpu_mem_usage)
         # from here on nothing can fail: drop the old adapter, give the new one its name
         self._remove_everywhere(adapter_name)
-        for _, wrapper in self._wrappers():
+        for _, wrapper in self.wrappers():
             if staging in wrapper.adapters:
                 wrapper.rename_adapter(staging, adapter_name)
         new_config = self.peft_config.pop(staging)
@@ -272,7 +314,7 @@ class LoraModel(nn.Module):
             KeyError: no such adapter.
             ValueError: it is the active adapter, or merged into the base weights.
         """
-        self._check_exists(adapter_name)
+        self.check_exists(adapter_name)
         if adapter_name == self.active_adapter:
             raise ValueError(f"adapter {adapter_name!r} is the active adapter; set_adapter() another one before deleting it")
         merged_in = [p for p, layer in self.lora_layers() if adapter_name in layer.merged_adapters]
@@ -291,7 +333,7 @@ class LoraModel(nn.Module):
             KeyError: no such adapter.
             ValueError: it is merged into the base weights.
         """
-        self._check_exists(adapter_name)
+        self.check_exists(adapter_name)
         if any(adapter_name in layer.merged_adapters for _, layer in self.lora_layers()):
             raise ValueError(f"adapter {adapter_name!r} is merged; unmerge_adapter() before removing it")
         self._remove_everywhere(adapter_name)
@@ -309,14 +351,13 @@ class LoraModel(nn.Module):
             AdapterLoadError: the tensors do not fit (named keys and shapes).
             ValueError, TargetError: as for `add_adapter`.
         """
-        flags = self.trainable_flags()
-        self.add_adapter(adapter_name, config, low_cpu_mem_usage=True)  # the tensors fill the factors
+        undo = self._inject(adapter_name, config, low_cpu_mem_usage=True)  # the tensors fill the factors
         try:
             adapter_format.load_weights(self, adapter_name, tensors, source=source)
         except BaseException:
             self._remove_everywhere(adapter_name)
             del self.peft_config[adapter_name]
-            self.restore_trainable_flags(flags)
+            self._restore(undo)  # the other adapters run as before, PiSSA/OLoRA base weights put back
             raise
 
     def trainable_flags(self) -> dict[int, bool]:
@@ -331,12 +372,13 @@ class LoraModel(nn.Module):
 
     def _remove_everywhere(self, adapter_name: str) -> None:
         """Drop an adapter from every wrapper and unwrap wrappers left with none (rollback-safe)."""
-        for path, wrapper in self._wrappers():
+        for path, wrapper in self.wrappers():
             wrapper.delete_adapter(adapter_name)
             if not wrapper.adapters:
-                self._replace(path, wrapper.base_layer if isinstance(wrapper, LoraLayer) else wrapper.original_module)
+                self.replace_module(path, wrapper.base_layer if isinstance(wrapper, LoraLayer) else wrapper.original_module)
 
-    def _check_exists(self, adapter_name: str) -> None:
+    def check_exists(self, adapter_name: str) -> None:
+        """Raise KeyError (naming the adapters there are) unless `adapter_name` exists."""
         if adapter_name not in self.peft_config:
             raise KeyError(f"no adapter named {adapter_name!r}; adapters: {sorted(self.peft_config)}")
 
@@ -362,8 +404,8 @@ class LoraModel(nn.Module):
         Raises:
             KeyError: no such adapter.
         """
-        self._check_exists(adapter_name)
-        wrappers = self._wrappers()
+        self.check_exists(adapter_name)
+        wrappers = self.wrappers()
         merged = any(isinstance(w, LoraLayer) and w.merged_adapters for _, w in wrappers)
         if merged and adapter_name != self.active_adapter:
             warnings.warn("set_adapter on a merged model: unmerging first", stacklevel=2)
@@ -415,7 +457,7 @@ class LoraModel(nn.Module):
         """
         names = adapter_names or [self.active_adapter]
         for name in names:
-            self._check_exists(name)
+            self.check_exists(name)
         layers = list(self.lora_layers())
         refused = [(path, layer) for path, layer in layers
                    if not layer.mergeable and any(n in layer.adapters for n in names)]
@@ -463,12 +505,12 @@ class LoraModel(nn.Module):
     def unload(self) -> nn.Module:
         """Return the plain model: LoRA wrappers replaced by their base layers (merged weights
         kept), modules_to_save by the active adapter's trained copy."""
-        for path, wrapper in self._wrappers():
+        for path, wrapper in self.wrappers():
             if isinstance(wrapper, LoraLayer):
-                self._replace(path, wrapper.base_layer)
+                self.replace_module(path, wrapper.base_layer)
             else:
                 active = wrapper.active_adapter
-                self._replace(path, wrapper.modules_to_save[active] if active else wrapper.original_module)
+                self.replace_module(path, wrapper.modules_to_save[active] if active else wrapper.original_module)
         self.peft_config.clear()
         self.model.__dict__.pop("peft_config", None)  # the plain model again, as PEFT leaves it
         return self.model
@@ -486,11 +528,11 @@ class LoraModel(nn.Module):
         if not adapter_names:
             raise ValueError("adapter_names is empty")
         for name in set(adapter_names) - {BASE_ADAPTER}:
-            self._check_exists(name)
+            self.check_exists(name)
         if self.merged:
             raise ValueError("adapter_names cannot be used while an adapter is merged; unmerge_adapter() first")
         routing = AdapterRouting(adapter_names)
-        wrappers = self._wrappers()
+        wrappers = self.wrappers()
         for _, wrapper in wrappers:
             wrapper.routing = routing
         try:
@@ -504,7 +546,7 @@ class LoraModel(nn.Module):
         """Run the base model alone inside the block (merged adapters are taken out and put back)."""
         merged = {path: list(layer.merged_adapters) for path, layer in self.lora_layers() if layer.merged_adapters}
         self.unmerge_adapter()
-        wrappers = self._wrappers()
+        wrappers = self.wrappers()
         for _, wrapper in wrappers:
             wrapper.disabled = True
         try:

@@ -19,6 +19,7 @@ declare PEFT's named arguments on the class, which is where `Trainer` looks for 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import os
 import warnings
@@ -37,21 +38,37 @@ from .model import SECOND_INJECTION_WARNING, LoraModel, holds_adapters, warn_use
 
 class _BoundForward:
     """`peft_model.forward`: a bound method whose `inspect.signature` is the wrapped model's
-    forward plus `adapter_names`. It keeps `__func__`/`__self__`, so code that rebinds a forward
-    (accelerate's autocast wrapper) treats it as the bound method it is."""
+    forward plus `adapter_names`.
 
-    __slots__ = ("__func__", "__self__")
+    Code that rebinds a forward (accelerate's mixed-precision wrapper does
+    `MethodType(autocast(model.forward.__func__), model)`) gets, as `__func__`, a function
+    carrying that same signature (with `self`), so the rebound method still shows it."""
+
+    __slots__ = ("_func", "__self__")
 
     def __init__(self, func: Callable, obj: PeftModel) -> None:
-        self.__func__ = func
+        self._func = func
         self.__self__ = obj
 
     def __call__(self, *args, **kwargs):
-        return self.__func__(self.__self__, *args, **kwargs)
+        return self._func(self.__self__, *args, **kwargs)
 
     @property
     def __signature__(self) -> inspect.Signature:
         return _with_adapter_names(inspect.signature(self.__self__.get_base_model().forward))
+
+    @property
+    def __func__(self) -> Callable:
+        func = self._func
+
+        @functools.wraps(func)
+        def forward(self, *args, **kwargs):
+            return func(self, *args, **kwargs)
+
+        signature = self.__signature__
+        this = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        forward.__signature__ = signature.replace(parameters=[this, *signature.parameters.values()])
+        return forward
 
 
 class forward_method:
@@ -95,6 +112,10 @@ class PeftModel(nn.Module):
             weights in float32 (float64 on a float64 base), whatever the base dtype.
         low_cpu_mem_usage: Create the factors on the meta device, for weights loaded next.
     """
+
+    # transformers' Trainer refuses a quantized model unless adapters are attached, which it reads
+    # from this flag (set by its own PEFT integration) or from isinstance(peft.PeftModel).
+    _hf_peft_config_loaded = True
 
     def __init__(self, model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default",
                  autocast_adapter_dtype: bool = True, low_cpu_mem_usage: bool = False) -> None:
@@ -251,7 +272,7 @@ class PeftModel(nn.Module):
                           stacklevel=2)
         names = selected_adapters or list(self.peft_config)
         for name in names:
-            self.base_model._check_exists(name)
+            self.base_model.check_exists(name)
         state = None if state_dict is None else _model_state(state_dict)
         if path_initial_model_for_weight_conversion is None:
             for name in names:
@@ -271,7 +292,7 @@ class PeftModel(nn.Module):
                         autocast_adapter_dtype: bool = True, ephemeral_gpu_offload: bool = False,
                         low_cpu_mem_usage: bool = False, allow_pickle: bool = False, subfolder: str | None = None,
                         torch_dtype: torch.dtype | None = None, dtype: torch.dtype | None = None,
-                        **kwargs: Any) -> PeftModel:
+                        key_mapping: dict[str, str] | None = None, **kwargs: Any) -> PeftModel:
         """Load an adapter folder onto `model` (PEFT's arguments).
 
         Called on `PeftModel` itself, the result is the task class the adapter's `task_type`
@@ -289,8 +310,12 @@ class PeftModel(nn.Module):
             allow_pickle: Accept a pickled adapter_model.bin (loaded with weights_only=True).
             subfolder: A folder inside `model_id` holding the adapter.
             torch_dtype, dtype: The adapter weights' dtype. Default float32.
+            key_mapping: PEFT's key renaming; only None is accepted.
             **kwargs: Hub-only arguments (`revision`, `token`, ...): ignored for a local folder,
                 an `AdapterLoadError` saying lorakit is offline for anything else.
+
+        Returns:
+            The PeftModel, in eval mode unless `is_trainable` (as PEFT leaves it).
 
         Raises:
             AdapterLoadError: the files are missing, malformed, or do not fit the model; the
@@ -299,20 +324,30 @@ class PeftModel(nn.Module):
         folder = resolve_adapter_dir(model_id, subfolder=subfolder, **_hub_only(kwargs, "from_pretrained"))
         file_config, tensors = adapter_format.read_adapter(folder, allow_pickle=allow_pickle)
         config = dataclasses.replace(config or file_config, inference_mode=not is_trainable)
+        if key_mapping:
+            raise ValueError("key_mapping (renaming a checkpoint's keys on load) is not supported: save the adapter "
+                             "with PEFT's key names (lorakit's and PEFT's are the same)")
         target_cls = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(config.task_type, cls) if cls is PeftModel else cls
         peft_model = target_cls.from_tensors(model, config, tensors, adapter_name, source=str(folder))
-        peft_model._cast_adapter(adapter_name, dtype or torch_dtype)
+        peft_model._move_adapter(adapter_name, dtype=dtype or torch_dtype)
+        if not is_trainable:
+            peft_model.eval()  # as PEFT: an adapter loaded for inference runs without dropout
         return peft_model
 
     def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False,
                      torch_device: str | None = None, autocast_adapter_dtype: bool = True,
                      ephemeral_gpu_offload: bool = False, low_cpu_mem_usage: bool = False,
-                     allow_pickle: bool = False, subfolder: str | None = None, **kwargs: Any) -> None:
+                     allow_pickle: bool = False, subfolder: str | None = None, **kwargs: Any):
         """Load an adapter folder under `adapter_name` (not made active).
 
         A new name is injected; for a name the model holds already, the folder's weights replace
         that adapter's in place (as PEFT does; transformers' Trainer resumes a run this way), after
-        every key and shape has been checked.
+        every key and shape has been checked. `torch_device` moves the adapter's weights there;
+        without `is_trainable` the model is put in eval mode, as PEFT does.
+
+        Returns:
+            PEFT's load result: `missing_keys` and `unexpected_keys`, both empty (lorakit refuses
+            a folder that has either).
 
         Raises:
             AdapterLoadError: as for `from_pretrained`, or (existing name) the folder's tensors do
@@ -324,18 +359,24 @@ class PeftModel(nn.Module):
         if adapter_name not in self.peft_config:
             config = dataclasses.replace(config, inference_mode=not is_trainable)
             self.base_model.add_adapter_from_tensors(adapter_name, config, tensors, source=str(folder))
-            return
-        adapter_format.load_weights(self.base_model, adapter_name, tensors, source=str(folder))
-        current = self.peft_config[adapter_name]
-        self.peft_config[adapter_name] = dataclasses.replace(current, inference_mode=not is_trainable)
-        self.base_model.set_adapter(self.active_adapter)  # re-marks which parameters train
+        else:
+            adapter_format.load_weights(self.base_model, adapter_name, tensors, source=str(folder))
+            current = self.peft_config[adapter_name]
+            self.peft_config[adapter_name] = dataclasses.replace(current, inference_mode=not is_trainable)
+            self.base_model.set_adapter(self.active_adapter)  # re-marks which parameters train
+        self._move_adapter(adapter_name, device=torch_device)
+        if not is_trainable:
+            self.eval()  # as PEFT
+        return nn.modules.module._IncompatibleKeys(missing_keys=[], unexpected_keys=[])
 
-    def _cast_adapter(self, adapter_name: str, dtype: torch.dtype | None) -> None:
-        if dtype is None:
+    def _move_adapter(self, adapter_name: str, device: str | torch.device | None = None,
+                      dtype: torch.dtype | None = None) -> None:
+        """Put adapter `adapter_name`'s parameters on `device` and/or in `dtype` (None: unchanged)."""
+        if device is None and dtype is None:
             return
-        for _, wrapper in self.base_model._wrappers():
+        for _, wrapper in self.base_model.wrappers():
             for p in wrapper.adapter_parameters(adapter_name):
-                p.data = p.data.to(dtype)
+                p.data = p.data.to(device=device, dtype=dtype)
 
 
 def _hub_only(kwargs: dict[str, Any], where: str) -> dict[str, Any]:
@@ -542,7 +583,7 @@ def get_peft_model_state_dict(model: nn.Module, state_dict: dict[str, torch.Tens
         ValueError: the model holds no adapter.
     """
     lora_model, prefix = _lora_model_and_prefix(model, adapter_name)
-    lora_model._check_exists(adapter_name)
+    lora_model.check_exists(adapter_name)
     state = None
     if state_dict is not None:
         state = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
@@ -567,7 +608,7 @@ def set_peft_model_state_dict(model: nn.Module, peft_model_state_dict: dict[str,
     if ignore_mismatched_sizes:
         raise ValueError("ignore_mismatched_sizes=True is not supported: a tensor that does not fit is an error")
     lora_model, prefix = _lora_model_and_prefix(model, adapter_name)
-    lora_model._check_exists(adapter_name)
+    lora_model.check_exists(adapter_name)
     tensors = {adapter_format.KEY_PREFIX + k[len(prefix):] if k.startswith(prefix) else k: v
                for k, v in peft_model_state_dict.items()}
     adapter_format.load_weights(lora_model, adapter_name, tensors, source=f"state dict for {adapter_name!r}")

@@ -130,6 +130,32 @@ def test_load_best_model_at_end_reads_the_adapter_back(tiny_mistral_dir, tokeniz
     assert all(p.requires_grad for n, p in model.named_parameters() if ".lora_" in n)
 
 
+def test_mixed_precision_keeps_the_columns_for_the_next_trainer(tiny_mistral_dir, tokenizer, tmp_path):
+    """accelerate rebinds forward for autocast; the rebound method still shows the model's arguments."""
+    import inspect
+
+    model = lora_model(tiny_mistral_dir)
+    for run in ("first", "second"):
+        Trainer(model=model, args=args(tmp_path / run, bf16=True, use_cpu=True, max_steps=1),
+                train_dataset=text_dataset(tokenizer), data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False)).train()
+        assert {"input_ids", "attention_mask", "position_ids"} <= set(inspect.signature(model.forward).parameters)
+
+
+def test_peft_qlora_recipe_with_a_bitsandbytes_base_trains_under_trainer(tiny_mistral_dir, tokenizer, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from transformers import BitsAndBytesConfig
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_mistral_dir, quantization_config=BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32))
+    base = lorakit.prepare_model_for_kbit_training(base)
+    model = lorakit.get_peft_model(base, lorakit.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    before = lora_tensors(model)
+    Trainer(model=model, args=args(tmp_path, max_steps=2), train_dataset=text_dataset(tokenizer),
+            data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False)).train()
+    after = lora_tensors(model)
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
 # --- TRL -------------------------------------------------------------------------------------------
 
 trl = pytest.importorskip("trl")

@@ -235,6 +235,8 @@ def snapshot(model: nn.Module, ids: torch.Tensor) -> dict:
     return dict(
         types={p: type(m).__name__ for p, m in inner.named_modules()},
         adapters={p: sorted(m.adapters) for p, m in inner.named_modules() if isinstance(m, (LoraLayer, ModulesToSave))},
+        active={p: list(m.active_adapters) for p, m in inner.named_modules() if isinstance(m, (LoraLayer, ModulesToSave))},
+        weights={n: p.detach().clone() for n, p in inner.named_parameters()},
         registry=sorted(getattr(model, "peft_config", {})),
         flags={n: (id(p), p.requires_grad) for n, p in inner.named_parameters()},
         logits=logits(model, ids),
@@ -242,8 +244,11 @@ def snapshot(model: nn.Module, ids: torch.Tensor) -> dict:
 
 
 def assert_same(before: dict, after: dict) -> None:
-    for key in ("types", "adapters", "registry", "flags"):
+    for key in ("types", "adapters", "active", "registry", "flags"):
         assert after[key] == before[key], key
+    assert after["weights"].keys() == before["weights"].keys()
+    for name, weight in before["weights"].items():
+        assert torch.equal(after["weights"][name], weight), name
     torch.testing.assert_close(after["logits"], before["logits"], rtol=0, atol=0)
 
 
@@ -390,3 +395,45 @@ def test_the_key_grammar_parses_and_builds_every_kind_of_key():
     assert fmt.parse_factor_key("base_model.model.a.b.bias") is None
     assert fmt.module_of_file_key("base_model.model.a.b.bias") == "a.b"
     assert fmt.module_of_file_key("base_model.model.a.q.lora_A.weight") == "a.q"
+
+
+def test_a_failed_load_onto_a_base_running_another_adapter_keeps_it_running(tmp_path, ids):
+    get_peft_model(tiny_llama(), LoraConfig(r=3, target_modules=["q_proj", "v_proj"])).save_pretrained(tmp_path)
+    model = get_peft_model(tiny_llama(), qv(), adapter_name="other")  # r=4: the folder's r=3 will not fit... in shape
+    perturb_trainables(model)
+    before = snapshot(model, ids)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    config["r"] = 4  # the config fits the targets, the tensors (r=3) do not: injected, then refused
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(AdapterLoadError, match="shape mismatch"):
+        PeftModel.from_pretrained(model.get_base_model(), str(tmp_path))
+    assert_same(before, snapshot(model, ids))
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_a_failed_weight_rewriting_injection_or_load_puts_the_base_weights_back(monkeypatch, tmp_path, ids, init):
+    model = get_peft_model(tiny_llama(), qv(), adapter_name="first")
+    perturb_trainables(model)
+    before = snapshot(model, ids)
+    real = ModulesToSave.add_adapter
+
+    def failing(self, name):
+        raise RuntimeError("injected failure")
+
+    monkeypatch.setattr(ModulesToSave, "add_adapter", failing)  # after every PiSSA/OLoRA layer is initialised
+    with pytest.raises(RuntimeError, match="injected failure"):
+        model.add_adapter("second", LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=init,
+                                               modules_to_save=["lm_head"]))
+    assert_same(before, snapshot(model, ids))
+    monkeypatch.setattr(ModulesToSave, "add_adapter", real)
+
+    trained = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=init))
+    trained.save_pretrained(tmp_path)
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    tensors.pop(next(iter(tensors)))  # a missing tensor: found only after the init rewrote the base
+    save_file(tensors, tmp_path / "adapter_model.safetensors")
+    with pytest.raises(AdapterLoadError, match="missing"):
+        model.load_adapter(str(tmp_path), "broken")
+    assert_same(before, snapshot(model, ids))

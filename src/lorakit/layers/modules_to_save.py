@@ -51,6 +51,11 @@ class ModulesToSave(nn.Module):
         self.active_adapter = active[0] if active else None
 
     @property
+    def active_adapters(self) -> list[str]:
+        """The adapter whose copy runs, as a list (as `LoraLayer.active_adapters`)."""
+        return [self.active_adapter] if self.active_adapter is not None else []
+
+    @property
     def adapters(self) -> list[str]:
         return list(self.modules_to_save.keys())
 

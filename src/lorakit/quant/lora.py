@@ -239,7 +239,7 @@ def merge_and_dequantize(lora_model: LoraModel, adapter_names: list[str] | None 
     """
     names = adapter_names or [lora_model.active_adapter]
     for name in names:
-        lora_model._check_exists(name)
+        lora_model.check_exists(name)
     model = lora_model.model
     replacements: dict[str, nn.Linear] = {}
     float_layers: list[tuple[str, LoraLayer]] = []
@@ -261,7 +261,7 @@ def merge_and_dequantize(lora_model: LoraModel, adapter_names: list[str] | None 
     for _, layer in float_layers:
         layer.merge([n for n in names if n in layer.adapters])
     for path, linear in replacements.items():
-        lora_model._replace(path, linear)
+        lora_model.replace_module(path, linear)
     model = lora_model.unload()
     if dtype != "original":
         model.to(torch.bfloat16 if dtype is None else dtype)
