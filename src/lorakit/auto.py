@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from .config import HUB_ARGUMENTS, AdapterLoadError, PeftConfig
+from .config import AdapterLoadError, PeftConfig, pop_hub_arguments
 from .hub import ModelLoadError, resolve_model_dir
 from .peft_model import MODEL_TYPE_TO_PEFT_MODEL_MAPPING, PeftModel
 
@@ -59,7 +59,7 @@ class AutoPeftModel:
         import transformers
 
         adapter_kwargs = {k: kwargs.pop(k) for k in _ADAPTER_ARGUMENTS if k in kwargs}
-        hub = {k: kwargs.pop(k) for k in HUB_ARGUMENTS if k in kwargs}
+        hub = pop_hub_arguments(kwargs)
         if revision is not None:
             hub["revision"] = revision
         peft_config = config or PeftConfig.from_pretrained(pretrained_model_name_or_path,

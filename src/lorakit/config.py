@@ -121,7 +121,7 @@ class PeftConfig:
         Raises:
             AdapterLoadError: the folder or its config is missing or invalid, or it names a hub id.
         """
-        folder = resolve_adapter_dir(pretrained_model_name_or_path, subfolder=subfolder, **_hub_kwargs(kwargs))
+        folder = resolve_adapter_dir(pretrained_model_name_or_path, subfolder=subfolder, **pop_hub_arguments(kwargs))
         config = read_config(folder)
         fields = {f.name for f in dataclasses.fields(config)}
         overrides = {k: v for k, v in kwargs.items() if k in fields}
@@ -140,8 +140,8 @@ HUB_ARGUMENTS = ("revision", "token", "use_auth_token", "cache_dir", "force_down
                  "local_files_only", "resume_download", "trust_remote_code")
 
 
-def _hub_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Pop the hub-only arguments out of `kwargs` and return them."""
+def pop_hub_arguments(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Take the hub-only arguments (`HUB_ARGUMENTS`) out of `kwargs` and return them."""
     return {k: kwargs.pop(k) for k in HUB_ARGUMENTS if k in kwargs}
 
 
@@ -412,7 +412,8 @@ def resolve_adapter_dir(model_id: str | os.PathLike, subfolder: str | None = Non
     """
     unknown = sorted(set(hub_kwargs) - set(HUB_ARGUMENTS))
     if unknown:
-        raise TypeError(f"unexpected arguments {unknown}")
+        raise TypeError(f"unexpected keyword arguments {unknown} (lorakit takes PEFT's arguments; these are not "
+                        "among them)")
     folder = Path(model_id).expanduser()
     if subfolder:
         folder = folder / subfolder

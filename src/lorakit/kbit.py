@@ -4,7 +4,8 @@
 
 What PEFT 0.21's function does, with lorakit's own 4-bit layer (`lorakit.quant.Linear4bit`)
 counted as a k-bit model: every parameter frozen; every float16/bfloat16 parameter outside the
-packed 4-bit storage (norms, embeddings, the head) cast to float32; and, on a k-bit model,
+packed 4-bit storage (norms, embeddings, the head) cast to float32 (not on GPTQ, AQLM, EETQ,
+HQQ or torchao models, as in PEFT); and, on a k-bit model,
 input gradients on and gradient checkpointing on. A plain float model gets the first two only,
 as in PEFT.
 """
@@ -19,12 +20,16 @@ from torch import nn
 from .quant.linear4bit import Linear4bit
 
 
+# transformers' quantization methods whose parameters PEFT leaves in their dtype (no upcast)
+_KEEP_DTYPE_METHODS = ("gptq", "aqlm", "eetq", "torchao", "hqq")
+
+
 def is_kbit_model(model: nn.Module) -> bool:
     """Whether `model` is quantized: loaded in 8/4 bits by transformers (bitsandbytes, GPTQ, ...) or
     holding lorakit's 4-bit layers."""
     if getattr(model, "is_loaded_in_8bit", False) or getattr(model, "is_loaded_in_4bit", False):
         return True
-    if getattr(model, "quantization_method", None) in ("gptq", "aqlm", "eetq", "torchao", "hqq"):
+    if getattr(model, "quantization_method", None) in _KEEP_DTYPE_METHODS or getattr(model, "hqq_quantized", False):
         return True
     return any(isinstance(m, Linear4bit) for m in model.modules())
 
@@ -46,9 +51,12 @@ def prepare_model_for_kbit_training(model: nn.Module, use_gradient_checkpointing
     kwargs = dict(gradient_checkpointing_kwargs or {})
     for param in model.parameters():
         param.requires_grad_(False)
-    for param in model.parameters():  # 4-bit storage is uint8 buffers: never touched here
-        if param.dtype in (torch.float16, torch.bfloat16):
-            param.data = param.data.to(torch.float32)
+    keep_dtype = (getattr(model, "quantization_method", None) in _KEEP_DTYPE_METHODS
+                  or getattr(model, "hqq_quantized", False))
+    if not keep_dtype:
+        for param in model.parameters():  # 4-bit storage is uint8: never touched here
+            if param.dtype in (torch.float16, torch.bfloat16):
+                param.data = param.data.to(torch.float32)
     if auto_clear_cache and torch.cuda.is_available():
         torch.cuda.empty_cache()
     if is_kbit_model(model) and use_gradient_checkpointing:

@@ -258,7 +258,8 @@ class LoraModel(nn.Module):
     def replace_adapter(self, adapter_name: str, config: LoraConfig, low_cpu_mem_usage: bool = False,
                         tensors: dict[str, torch.Tensor] | None = None, source: str = "") -> None:
         """Replace adapter `adapter_name` by a fresh one with `config` (loaded from `tensors` when
-        given), whole, or change nothing.
+        given), whole, or change nothing. (`get_peft_model` warns with PEFT's words before it
+        gets here: "You are trying to modify a model with PEFT for a second time...".)
 
         The new adapter is injected under a temporary name first (any failure there is rolled
         back exactly and the old adapter was never touched); only then is the old one removed
@@ -289,9 +290,6 @@ class LoraModel(nn.Module):
         self.peft_config.clear()
         self.peft_config.update(renamed)  # the same dict object: other wrappers share it
         self.set_adapter(active if active in self.peft_config else adapter_name)
-        warn_user(f"adapter {adapter_name!r} already existed on this model and was replaced by a new one "
-                  f"(r={config.r}): every PeftModel over this model now runs the new adapter. Save an adapter "
-                  "(save_pretrained) before replacing it if you need it, or use another adapter_name to keep both")
 
     def _resolved_config(self, config: LoraConfig) -> LoraConfig:
         """`config` as saved: the base model's name filled in, and target_modules None or "all-linear"

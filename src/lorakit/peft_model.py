@@ -30,8 +30,8 @@ import torch
 from torch import nn
 
 from . import adapter_format
-from .config import HUB_ARGUMENTS, LoraConfig, resolve_adapter_dir
-from .model import SECOND_INJECTION_WARNING, LoraModel, holds_adapters, warn_user
+from .config import LoraConfig, resolve_adapter_dir
+from .model import SECOND_INJECTION_WARNING, LoraModel, base_model_name, holds_adapters, warn_user
 
 # --- forward: the method, with the wrapped model's signature -------------------------------------
 
@@ -172,23 +172,20 @@ class PeftModel(nn.Module):
     @forward_method
     def forward(self, *args, adapter_names: list[str] | None = None, **kwargs):
         """The model's forward; `adapter_names` (one per row, or "__base__") mixes adapters in a batch."""
-        return self._run(adapter_names, args, kwargs)
+        return self._run(self.base_model.model, adapter_names, args, kwargs)
 
-    def _run(self, adapter_names: list[str] | None, args: tuple, kwargs: dict):
-        model = self.base_model.model
+    def _run(self, call: Callable, adapter_names: list[str] | None, args: tuple, kwargs: dict):
+        """`call(*args, **kwargs)` (the model's forward or generate), each row with its adapter when
+        `adapter_names` is given."""
         if adapter_names is None:
-            return model(*args, **kwargs)
+            return call(*args, **kwargs)
         self._check_batch(adapter_names, args, kwargs)
         with self.base_model.mixed_batch(adapter_names):
-            return model(*args, **kwargs)
+            return call(*args, **kwargs)
 
     def generate(self, *args, adapter_names: list[str] | None = None, **kwargs):
         """transformers' generate; `adapter_names` as in forward."""
-        if adapter_names is None:
-            return self.base_model.model.generate(*args, **kwargs)
-        self._check_batch(adapter_names, args, kwargs)
-        with self.base_model.mixed_batch(adapter_names):
-            return self.base_model.model.generate(*args, **kwargs)
+        return self._run(self.base_model.model.generate, adapter_names, args, kwargs)
 
     @staticmethod
     def _check_batch(adapter_names: list[str], args: tuple, kwargs: dict) -> None:
@@ -213,14 +210,15 @@ class PeftModel(nn.Module):
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         """(trainable, total) parameter counts; works on a meta-device model.
 
-        4-bit layers count their weight's logical size (in_features * out_features), as PEFT
-        counts bitsandbytes' packed weights.
+        4-bit layers (lorakit's and bitsandbytes') count their weight's logical size, as PEFT does.
         """
         trainable = total = 0
         for p in self.parameters():
-            total += p.numel()
+            # bitsandbytes' 4-bit parameter packs two values into each byte of its storage (PEFT's count)
+            n = p.numel() * 2 * p.element_size() if hasattr(p, "quant_state") and hasattr(p, "quant_type") else p.numel()
+            total += n
             if p.requires_grad:
-                trainable += p.numel()
+                trainable += n
         for module in self.modules():
             total += getattr(module, "quantized_numel", 0)
         return trainable, total
@@ -273,7 +271,7 @@ class PeftModel(nn.Module):
         names = selected_adapters or list(self.peft_config)
         for name in names:
             self.base_model.check_exists(name)
-        state = None if state_dict is None else _model_state(state_dict)
+        state = None if state_dict is None else rekey(state_dict, adapter_format.KEY_PREFIX, "")
         if path_initial_model_for_weight_conversion is None:
             for name in names:
                 adapter_format.save_adapter(self.base_model, save_directory, name, state=state)
@@ -321,7 +319,7 @@ class PeftModel(nn.Module):
             AdapterLoadError: the files are missing, malformed, or do not fit the model; the
                 model is then left exactly as it was.
         """
-        folder = resolve_adapter_dir(model_id, subfolder=subfolder, **_hub_only(kwargs, "from_pretrained"))
+        folder = resolve_adapter_dir(model_id, subfolder=subfolder, **kwargs)
         file_config, tensors = adapter_format.read_adapter(folder, allow_pickle=allow_pickle)
         config = dataclasses.replace(config or file_config, inference_mode=not is_trainable)
         if key_mapping:
@@ -354,7 +352,7 @@ class PeftModel(nn.Module):
                 not fit that adapter; the model keeps everything as it was.
             ValueError: the name is invalid.
         """
-        folder = resolve_adapter_dir(model_id, subfolder=subfolder, **_hub_only(kwargs, "load_adapter"))
+        folder = resolve_adapter_dir(model_id, subfolder=subfolder, **kwargs)
         config, tensors = adapter_format.read_adapter(folder, allow_pickle=allow_pickle)
         if adapter_name not in self.peft_config:
             config = dataclasses.replace(config, inference_mode=not is_trainable)
@@ -379,17 +377,9 @@ class PeftModel(nn.Module):
                 p.data = p.data.to(device=device, dtype=dtype)
 
 
-def _hub_only(kwargs: dict[str, Any], where: str) -> dict[str, Any]:
-    unknown = sorted(set(kwargs) - set(HUB_ARGUMENTS))
-    if unknown:
-        raise TypeError(f"{where}() got unexpected arguments {unknown}")
-    return kwargs
-
-
-def _model_state(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A PeftModel state dict (`base_model.model.<path>`) keyed as the user's model's (`<path>`)."""
-    prefix = adapter_format.KEY_PREFIX
-    return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state_dict.items()}
+def rekey(tensors: dict[str, torch.Tensor], old: str, new: str) -> dict[str, torch.Tensor]:
+    """`tensors` with the prefix `old` of each key replaced by `new` (keys without it are dropped)."""
+    return {new + k[len(old):]: v for k, v in tensors.items() if k.startswith(old)}
 
 
 # --- the task classes --------------------------------------------------------------------------------
@@ -412,7 +402,7 @@ def _task_forward(*names: str) -> forward_method:
         adapter_names = values.pop("adapter_names", None)
         extra = values.pop("kwargs", {})
         inputs = {k: v for k, v in values.items() if v is not None}
-        return self._run(adapter_names, (), {**inputs, **extra})
+        return self._run(self.base_model.model, adapter_names, (), {**inputs, **extra})
 
     forward.__signature__ = signature
     forward.__doc__ = "The model's forward with PEFT's named arguments; `adapter_names` mixes adapters in a batch."
@@ -518,6 +508,12 @@ def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str 
                          "lorakit has LoRA adapters only; several LoRA adapters on one model need no flag")
     if holds_adapters(model):
         warn_user(SECOND_INJECTION_WARNING)
+    new_name, old_name = base_model_name(model), peft_config.base_model_name_or_path
+    if new_name is not None and new_name != old_name:  # as PEFT: the model's own name wins
+        if old_name is not None:
+            warn_user(f"The PEFT config's `base_model_name_or_path` was renamed from '{old_name}' to '{new_name}'. "
+                      "Please ensure that the correct base model is loaded when loading this checkpoint.")
+        peft_config = dataclasses.replace(peft_config, base_model_name_or_path=new_name)
     if quantize is not None:
         from .quant.lora import quantize_for_lora
 
@@ -584,11 +580,8 @@ def get_peft_model_state_dict(model: nn.Module, state_dict: dict[str, torch.Tens
     """
     lora_model, prefix = _lora_model_and_prefix(model, adapter_name)
     lora_model.check_exists(adapter_name)
-    state = None
-    if state_dict is not None:
-        state = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
-    tensors = adapter_format.adapter_tensors(lora_model, adapter_name, state)
-    return {prefix + k[len(adapter_format.KEY_PREFIX):]: v for k, v in tensors.items()}
+    state = None if state_dict is None else rekey(state_dict, prefix, "")
+    return rekey(adapter_format.adapter_tensors(lora_model, adapter_name, state), adapter_format.KEY_PREFIX, prefix)
 
 
 def set_peft_model_state_dict(model: nn.Module, peft_model_state_dict: dict[str, torch.Tensor],
@@ -609,8 +602,8 @@ def set_peft_model_state_dict(model: nn.Module, peft_model_state_dict: dict[str,
         raise ValueError("ignore_mismatched_sizes=True is not supported: a tensor that does not fit is an error")
     lora_model, prefix = _lora_model_and_prefix(model, adapter_name)
     lora_model.check_exists(adapter_name)
-    tensors = {adapter_format.KEY_PREFIX + k[len(prefix):] if k.startswith(prefix) else k: v
-               for k, v in peft_model_state_dict.items()}
+    outside = {k: v for k, v in peft_model_state_dict.items() if not k.startswith(prefix)}  # refused as unexpected
+    tensors = {**rekey(peft_model_state_dict, prefix, adapter_format.KEY_PREFIX), **outside}
     adapter_format.load_weights(lora_model, adapter_name, tensors, source=f"state dict for {adapter_name!r}")
     return nn.modules.module._IncompatibleKeys(missing_keys=[], unexpected_keys=[])
 
@@ -622,6 +615,6 @@ def load_peft_weights(model_id: str | os.PathLike, device: str | None = None, su
     Raises:
         AdapterLoadError: the folder or its weights are missing or unreadable.
     """
-    folder = resolve_adapter_dir(model_id, subfolder=subfolder, **_hub_only(kwargs, "load_peft_weights"))
+    folder = resolve_adapter_dir(model_id, subfolder=subfolder, **kwargs)
     _, tensors = adapter_format.read_adapter(folder)
     return {k: v.to(device) for k, v in tensors.items()} if device else tensors

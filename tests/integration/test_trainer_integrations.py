@@ -130,6 +130,23 @@ def test_load_best_model_at_end_reads_the_adapter_back(tiny_mistral_dir, tokeniz
     assert all(p.requires_grad for n, p in model.named_parameters() if ".lora_" in n)
 
 
+def test_label_smoothing_gives_peft_s_loss(tiny_mistral_dir, tokenizer, tmp_path):
+    """With label smoothing Trainer shifts a causal LM's labels; the same loss as PEFT's model (lr 0)."""
+    peft = pytest.importorskip("peft")
+    import transformers
+
+    losses = {}
+    for lib, trainer_class in ((peft, transformers.Trainer), (lorakit, Trainer)):
+        torch.manual_seed(0)
+        model = lib.get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_mistral_dir),
+                                   lib.LoraConfig(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+        run = trainer_class(model=model, args=args(tmp_path / lib.__name__, max_steps=1, learning_rate=0.0,
+                                                   label_smoothing_factor=0.1),
+                            train_dataset=text_dataset(tokenizer), data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False))
+        losses[lib.__name__] = run.train().training_loss
+    assert losses["lorakit"] == pytest.approx(losses["peft"], rel=1e-6)
+
+
 def test_mixed_precision_keeps_the_columns_for_the_next_trainer(tiny_mistral_dir, tokenizer, tmp_path):
     """accelerate rebinds forward for autocast; the rebound method still shows the model's arguments."""
     import inspect

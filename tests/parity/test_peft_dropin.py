@@ -126,7 +126,8 @@ def test_second_get_peft_model_warns_and_counts_as_peft(tiny_mistral_dir, tmp_pa
             warnings=caught, counts=second.get_nb_trainable_parameters(), first_counts=first.get_nb_trainable_parameters(),
             names=sorted(n for n, p in second.named_parameters() if p.requires_grad), adapters=sorted(second.peft_config))
     ours, theirs = results["lorakit"], results["peft"]
-    assert set(theirs["warnings"]) <= set(ours["warnings"])  # PEFT's words, plus lorakit's own about a replacement
+    peft_own = [w for w in theirs["warnings"] if "deprecated" not in w]  # transformers' deprecations aside
+    assert [w for w in ours["warnings"] if "deprecated" not in w] == peft_own
     assert any("for a second time" in w for w in ours["warnings"])
     for key in ("counts", "first_counts", "names", "adapters"):
         assert ours[key] == theirs[key], key
@@ -137,7 +138,7 @@ def test_a_sweep_over_other_targets_leaves_no_half_of_the_old_adapter(tiny_mistr
     targets q_proj only, lorakit replaces the adapter whole: q_proj at the new rank, nothing else."""
     base = fp16_base(tiny_mistral_dir)
     lorakit.get_peft_model(base, lorakit.LoraConfig(**LESSON_CONFIG))
-    with pytest.warns(UserWarning, match="was replaced by a new one"):
+    with pytest.warns(UserWarning, match="for a second time"):
         m = lorakit.get_peft_model(base, lorakit.LoraConfig(r=4, target_modules=["q_proj"]))
     names = [n for n, _ in m.named_parameters() if ".lora_" in n]
     assert names and all(".q_proj." in n for n in names)

@@ -12,6 +12,7 @@ import os
 
 import torch
 import transformers
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 from transformers.trainer import TRAINING_ARGS_NAME
 
 from ..config import CONFIG_NAME
@@ -21,13 +22,32 @@ from ..peft_model import PeftModel
 
 class AdapterTrainerMixin:
     """What transformers' Trainer does for a `peft.PeftModel`, done for a lorakit `PeftModel`:
-    `_save` writes the adapters (not the full weights), and `_load_from_checkpoint` /
-    `_load_best_model` load them back into the adapters being trained. Mixed in before a
+    `_save` writes the adapters (not the full weights), `_load_from_checkpoint` /
+    `_load_best_model` load them back into the adapters being trained, and label smoothing shifts
+    a causal LM's labels. Mixed in before a
     `transformers.Trainer` subclass; any other model takes the parent's path unchanged."""
 
     def _adapter_model(self, model: torch.nn.Module | None = None) -> PeftModel | None:
         model = self.accelerator.unwrap_model(model if model is not None else self.model, keep_torch_compile=False)
         return model if isinstance(model, PeftModel) else None
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        adapter_model = self._adapter_model(model)
+        if (adapter_model is None or self.label_smoother is None or self.compute_loss_func is not None
+                or "labels" not in inputs):
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+        # With label smoothing, Trainer shifts the labels of a causal LM, which it recognises by
+        # class name, read off the base model for a PEFT model: do the same for lorakit's wrapper.
+        causal = adapter_model.get_base_model()._get_name() in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
+        smoother = self.label_smoother
+        self.compute_loss_func = lambda outputs, labels, num_items_in_batch=None: smoother(
+            outputs, labels, shift_labels=causal, num_items_in_batch=num_items_in_batch)
+        try:
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+        finally:
+            self.compute_loss_func = None
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         model = self._adapter_model()
