@@ -113,6 +113,8 @@ class LoraModel(nn.Module):
                 self.add_adapter_from_tensors(adapter_name, config, tensors, source=source)
             else:
                 self.add_adapter(adapter_name, config, low_cpu_mem_usage=low_cpu_mem_usage)  # also makes it active
+            if registry is None:  # the model's first adapter: everything else is frozen, as PEFT does
+                self._mark_trainable(self.wrappers(), freeze_base=True)
         elif adapter_name not in self.peft_config:
             raise KeyError(f"no adapter named {adapter_name!r} on this model; adapters: {sorted(self.peft_config)}")
         model.peft_config = self.peft_config
@@ -413,16 +415,24 @@ class LoraModel(nn.Module):
             wrapper.set_active([adapter_name])
         self._mark_trainable(wrappers)
 
-    def _mark_trainable(self, wrappers: list[tuple[str, LoraLayer | ModulesToSave]]) -> None:
-        """Freeze everything, then unfreeze the active adapter (unless it is inference-only)."""
-        for p in self.model.parameters():
-            p.requires_grad_(False)
+    def _mark_trainable(self, wrappers: list[tuple[str, LoraLayer | ModulesToSave]], freeze_base: bool = False) -> None:
+        """Only the active adapter's parameters train (unless it is inference-only), as in PEFT.
+
+        With `freeze_base` (a model's first injection) every base parameter is frozen first; later
+        calls (another adapter added or made active) leave the base parameters' flags as they are,
+        so one a user unfroze by hand stays trainable, as PEFT leaves it.
+        """
+        if freeze_base:
+            for p in self.model.parameters():
+                p.requires_grad_(False)
         config = self.peft_config.get(self.active_adapter)
-        if config is None or config.inference_mode:
-            return
+        trains = config is not None and not config.inference_mode
         for _, wrapper in wrappers:
-            for p in wrapper.adapter_parameters(self.active_adapter):
-                p.requires_grad_(True)
+            for name in wrapper.adapters:
+                for p in wrapper.adapter_parameters(name):
+                    p.requires_grad_(trains and name == self.active_adapter)
+        if not trains:
+            return
         if config.bias == "all":
             for name, p in self.model.named_parameters():
                 if name.endswith("bias") and not (adapter_format.is_adapter_tensor(name)

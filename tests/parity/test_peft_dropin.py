@@ -177,3 +177,18 @@ def test_peft_qlora_recipe_with_bitsandbytes_trains_and_refuses_to_merge_by_name
 @pytest.fixture
 def ids_long():
     return torch.randint(0, 1000, (2, 8), generator=torch.Generator().manual_seed(3))
+
+
+def test_adding_and_switching_adapters_keep_hand_set_flags_as_peft():
+    from conftest import tiny_llama
+
+    flags = {}
+    for lib in (peft, lorakit):
+        model = lib.get_peft_model(tiny_llama(), lib.LoraConfig(r=2, target_modules=["q_proj"]))
+        model.base_model.model.model.norm.weight.requires_grad_(True)  # unfrozen by hand
+        model.add_adapter("b", lib.LoraConfig(r=2, target_modules=["v_proj"]))
+        after_add = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+        model.set_adapter("b")
+        flags[lib.__name__] = (after_add, sorted(n for n, p in model.named_parameters() if p.requires_grad))
+    assert flags["lorakit"] == flags["peft"]
+    assert "base_model.model.model.norm.weight" in flags["lorakit"][1]
