@@ -27,6 +27,13 @@ def tiny_bert_classifier(seed: int = 0) -> BertForSequenceClassification:
     return BertForSequenceClassification(config).eval()
 
 
+def pytest_collection_modifyitems(config, items):
+    """Everything under tests/parity/ carries the `parity` marker (`pytest -m parity` runs just those)."""
+    for item in items:
+        if "parity" in item.path.parts:
+            item.add_marker(pytest.mark.parity)
+
+
 @pytest.fixture(autouse=True)
 def one_thread():
     """One torch thread per test: the models are tiny, and on 2 shared cores a second thread mostly
