@@ -108,10 +108,6 @@ WORKSPACE = 3 * 2 * 32 * 64  # BACKWARD_WORKSPACE_FACTOR (3) · d·T·f
 LOGITS = 12 * 32 * 100  # LOGITS_BYTES_PER_VALUE (12) · T · vocab
 
 
-def test_calibrated_constants_as_documented():
-    assert (memory.BACKWARD_WORKSPACE_FACTOR, memory.LOGITS_BYTES_PER_VALUE) == (3.0, 12.0)
-
-
 def test_tiny_activations_and_total():
     est = tiny_estimate()
     full, lora, qlora = (est.breakdowns[m] for m in ("full", "lora", "qlora"))

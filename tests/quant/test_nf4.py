@@ -15,24 +15,15 @@ from lorakit.quant import (
     quantize_nf4,
 )
 
-EXPECTED_CODE = [
-    -1.0,
-    -0.6961928009986877,
-    -0.5250730514526367,
-    -0.39491748809814453,
-    -0.28444138169288635,
-    -0.18477343022823334,
-    -0.09105003625154495,
-    0.0,
-    0.07958029955625534,
-    0.16093020141124725,
-    0.24611230194568634,
-    0.33791524171829224,
-    0.44070982933044434,
-    0.5626170039176941,
-    0.7229568362236023,
-    1.0,
-]
+def normal_float_code(offset: float = 0.9677083) -> torch.Tensor:
+    """NF4 from its definition (Dettmers et al., QLoRA, as bitsandbytes' create_normal_map builds it):
+    8 positive and 7 negative quantiles of N(0, 1) between `offset` and 1/2, and an exact zero,
+    scaled to [-1, 1]."""
+    def quantiles(n):
+        return torch.special.ndtri(torch.linspace(offset, 0.5, n, dtype=torch.float64)[:-1])
+
+    values = torch.cat([quantiles(9), torch.zeros(1, dtype=torch.float64), -quantiles(8)]).sort().values
+    return values / values.abs().max()
 
 # FP4 (e2m1, bitsandbytes' table up to code order), normalised to [-1, 1].
 FP4_VALUES = torch.tensor([0.0, 0.0625, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0]) / 12.0
@@ -60,12 +51,13 @@ def unpack(packed: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------- #
 
 
-def test_the_16_codes():
-    assert list(NF4_CODE) == EXPECTED_CODE
+def test_the_16_codes_are_the_normal_float_quantiles():
+    expected = normal_float_code()
+    assert torch.allclose(torch.tensor(NF4_CODE, dtype=torch.float64), expected, rtol=0, atol=2e-7)
     code = nf4_code()
     assert code.dtype == torch.float32 and code.shape == (16,)
-    assert torch.equal(code, torch.tensor(EXPECTED_CODE, dtype=torch.float32))
-    assert torch.all(code[1:] > code[:-1])
+    assert torch.equal(code, torch.tensor(NF4_CODE, dtype=torch.float32))
+    assert torch.all(code[1:] > code[:-1]) and code[7] == 0 and code[0] == -1 and code[-1] == 1
 
 
 def test_bits_per_param():
@@ -82,7 +74,7 @@ def test_bits_per_param():
 def test_packing_order_first_element_in_high_nibble():
     perm = torch.randperm(16, generator=torch.Generator().manual_seed(0))
     perm = torch.cat([perm, torch.tensor([0, 15])])  # absmax stays exactly 1
-    w = torch.tensor(EXPECTED_CODE)[perm] * 1.0
+    w = torch.tensor(NF4_CODE)[perm] * 1.0
     qt = quantize_nf4(w, blocksize=len(perm))
     assert torch.equal(qt.packed, ((perm[0::2] << 4) | perm[1::2]).to(torch.uint8))
     assert torch.equal(qt.dequantize(), w)
