@@ -1,7 +1,7 @@
 """Which LoRA wrapper each base layer type gets.
 
-One table, checked in order; a new layer type (the 4-bit linear layer, a user's custom layer)
-is one `register` call:
+Quantized layers get their format's wrapper (`lorakit.quant.registry`); every other layer type
+is looked up in one table, checked in order. A user's custom layer is one `register` call:
 
     register(MyLinear, lambda layer, config: Linear(layer))
 """
@@ -14,6 +14,7 @@ from torch import nn
 
 from .config import LoraConfig
 from .layers import Conv, Embedding, Linear, LoraLayer
+from .quant.registry import layer_types, quantizer_of
 
 Factory = Callable[[nn.Module, LoraConfig], LoraLayer]
 
@@ -31,7 +32,8 @@ def register(layer_type: type[nn.Module], factory: Factory) -> None:
     _REGISTRY.insert(0, (layer_type, factory))
 
 
-def _conv1d_type() -> type[nn.Module] | None:
+def conv1d_type() -> type[nn.Module] | None:
+    """transformers' GPT-2 `Conv1D` (a linear layer with an (in, out) weight), or None without transformers."""
     try:
         from transformers.pytorch_utils import Conv1D
     except ImportError:  # transformers is optional for plain torch models
@@ -40,8 +42,9 @@ def _conv1d_type() -> type[nn.Module] | None:
 
 
 def supported_types() -> list[type[nn.Module]]:
-    types = [t for t, _ in _REGISTRY]
-    conv1d = _conv1d_type()
+    """Every base layer type LoRA can wrap."""
+    types = [t for t, _ in _REGISTRY] + list(layer_types())
+    conv1d = conv1d_type()
     return types + ([conv1d] if conv1d else [])
 
 
@@ -51,10 +54,13 @@ def wrap(layer: nn.Module, config: LoraConfig) -> LoraLayer:
     Raises:
         TypeError: no wrapper is registered for the layer's type.
     """
+    quantizer = quantizer_of(layer)
+    if quantizer is not None:
+        return quantizer.wrap(layer)
     for layer_type, factory in _REGISTRY:
         if isinstance(layer, layer_type):
             return factory(layer, config)
-    conv1d = _conv1d_type()
+    conv1d = conv1d_type()
     if conv1d is not None and isinstance(layer, conv1d):
         return Linear(layer, fan_in_fan_out=True)
     names = ", ".join(sorted({t.__name__ for t in supported_types()}))

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .quant.linear4bit import Linear4bit
+from .quant.registry import model_quantizer
 
 
 # transformers' quantization methods whose parameters PEFT leaves in their dtype (no upcast)
@@ -26,12 +26,12 @@ _KEEP_DTYPE_METHODS = ("gptq", "aqlm", "eetq", "torchao", "hqq")
 
 def is_kbit_model(model: nn.Module) -> bool:
     """Whether `model` is quantized: loaded in 8/4 bits by transformers (bitsandbytes, GPTQ, ...) or
-    holding lorakit's 4-bit layers."""
+    holding layers of a lorakit format (`lorakit.quant.registry`)."""
     if getattr(model, "is_loaded_in_8bit", False) or getattr(model, "is_loaded_in_4bit", False):
         return True
     if getattr(model, "quantization_method", None) in _KEEP_DTYPE_METHODS or getattr(model, "hqq_quantized", False):
         return True
-    return any(isinstance(m, Linear4bit) for m in model.modules())
+    return model_quantizer(model) is not None
 
 
 def prepare_model_for_kbit_training(model: nn.Module, use_gradient_checkpointing: bool = True,

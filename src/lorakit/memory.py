@@ -51,14 +51,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
+from .quant import QUANTIZERS, nf4_bits_per_param
+
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 FACTOR_BYTES = 4  # LoRA factors are fp32 whatever the base dtype (lorakit, PEFT)
 GB, GIB = 1e9, 2**30
 
-# QLoRA storage (bitsandbytes' NF4): blocks of 64 weights share one fp32 absmax; with double
-# quantization the absmax are stored as 8-bit codes, blocks of 256 sharing one fp32 scale.
-NF4_BLOCKSIZE = 64
-NF4_DOUBLE_QUANT_BLOCKSIZE = 256
 
 # bitsandbytes' 8-bit optimizers: blockwise with 256 values per fp32 absmax; tensors with
 # fewer than 4096 values keep fp32 states.
@@ -214,20 +212,14 @@ def count_parameters(config, r: int = 8, target_modules: list[str] | str | None 
 # --- storage per component --------------------------------------------------------------------
 
 def nf4_bytes(numel: int, double_quant: bool = True) -> float:
-    """Bytes of one weight stored in NF4: 4-bit codes plus the block scales.
+    """Bytes of one weight stored in NF4 (codes plus block scales): what the "nf4" format's own
+    `weight_bytes` says, i.e. `lorakit.quant.quantize_nf4(w, double_quant=...).nbytes` (tested).
 
     Args:
         numel: Number of weights.
         double_quant: Scales stored in 8 bits (blocks of 256, one fp32 scale each). Default True.
-
-    Returns:
-        numel/2 + ceil(numel/64)·4 without double quant (4.5 bits/param), numel/2 +
-        ceil(numel/64) + ceil(numel/64/256)·4 + 4 (the fp32 offset) with it (~4.127 bits/param):
-        exactly `lorakit.quant.quantize_nf4(w, double_quant=...).nbytes` (tested).
     """
-    blocks = math.ceil(numel / NF4_BLOCKSIZE)
-    scales = blocks + 4 * math.ceil(blocks / NF4_DOUBLE_QUANT_BLOCKSIZE) + 4 if double_quant else 4 * blocks
-    return math.ceil(numel / 2) + scales
+    return QUANTIZERS["nf4"].weight_bytes(numel, double_quant)
 
 
 def optimizer_bytes(tensors: list[int], optimizer: str) -> float:
@@ -471,8 +463,7 @@ def convention(settings: dict[str, Any]) -> str:
     opt = {"adamw": "AdamW: two fp32 moments (8 B per trainable parameter), fused step (no temporaries)",
            "adamw8bit": "8-bit AdamW: two 8-bit moments + an fp32 absmax per 256 values (~2.03 B per parameter)",
            "sgd": "SGD without momentum: no state"}[settings["optimizer"]]
-    bits = 4 + 8 / NF4_BLOCKSIZE + 32 / (NF4_BLOCKSIZE * NF4_DOUBLE_QUANT_BLOCKSIZE) if settings["double_quant"] \
-        else 4 + 32 / NF4_BLOCKSIZE
+    bits = nf4_bits_per_param(double_quant=settings["double_quant"])
     inputs = ("rebuilt in backward (lorakit's LoRA Function): an adapter keeps only A·x"
               if settings["lora_inputs"] == "rebuilt" else "saved by each adapter (plain autograd, as PEFT)")
     lines = [

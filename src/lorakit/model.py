@@ -25,6 +25,7 @@ from .adapter_format import check_adapter_name
 from .config import LoraConfig
 from .layers import BASE_ADAPTER, AdapterRouting, AdapterSpec, LoraLayer, ModulesToSave
 from .layers.base import QuantizedMergeError, check_finite_merge
+from .quant.registry import model_quantizer
 from .layers import init as weight_init
 from .targeting import ALL_LINEAR, resolve_target_modules, select_modules_to_save, select_targets
 
@@ -487,7 +488,8 @@ class LoraModel(nn.Module):
         """Merge adapters into the base and return the plain model, with no wrapper left.
 
         On a quantized base (4-bit layers) every 4-bit layer is dequantized, ΔW added in float32
-        and the result stored as an `nn.Linear` (see `lorakit.quant.lora.merge_and_dequantize`).
+        and the result stored as an `nn.Linear` (the format's `merge_and_unload`, for NF4
+        `lorakit.quant.lora.merge_and_dequantize`).
 
         Args:
             safe_merge: Check every merged weight for NaN/inf before changing any.
@@ -500,10 +502,9 @@ class LoraModel(nn.Module):
             KeyError: an unknown adapter name.
             ValueError: with safe_merge, a merged weight would hold NaN or inf (nothing merged).
         """
-        from .quant.lora import has_quantized_layers, merge_and_dequantize
-
-        if has_quantized_layers(self.model):
-            return merge_and_dequantize(self, adapter_names, safe_merge=safe_merge, dtype=dtype)
+        quantizer = model_quantizer(self.model)
+        if quantizer is not None:  # dequantize, merge in float32, unload
+            return quantizer.merge_and_unload(self, adapter_names, safe_merge=safe_merge, dtype=dtype)
         self.merge_adapter(adapter_names, safe_merge=safe_merge)
         model = self.unload()
         if isinstance(dtype, torch.dtype):

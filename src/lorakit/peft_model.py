@@ -31,6 +31,8 @@ from torch import nn
 
 from . import adapter_format
 from .config import LoraConfig, resolve_adapter_dir
+from .quant.lora import quantize_for_lora
+from .quant.registry import quantizer_of
 from .model import SECOND_INJECTION_WARNING, LoraModel, base_model_name, holds_adapters, warn_user
 
 # --- forward: the method, with the wrapped model's signature -------------------------------------
@@ -220,7 +222,9 @@ class PeftModel(nn.Module):
             if p.requires_grad:
                 trainable += n
         for module in self.modules():
-            total += getattr(module, "quantized_numel", 0)
+            quantizer = quantizer_of(module)
+            if quantizer is not None:  # the packed weight is a buffer, not a parameter
+                total += quantizer.logical_numel(module)
         return trainable, total
 
     def print_trainable_parameters(self) -> None:
@@ -515,8 +519,6 @@ def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str 
                       "Please ensure that the correct base model is loaded when loading this checkpoint.")
         peft_config = dataclasses.replace(peft_config, base_model_name_or_path=new_name)
     if quantize is not None:
-        from .quant.lora import quantize_for_lora
-
         quantize_for_lora(model, peft_config, quantize, double_quant=double_quant, compute_dtype=compute_dtype)
     cls = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(peft_config.task_type, PeftModel)
     return cls(model, peft_config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)

@@ -183,11 +183,14 @@ def _candidates(model: nn.Module):
 
 
 def _is_linear(module: nn.Module) -> bool:
+    """A linear layer for "all-linear": nn.Linear, GPT-2's Conv1D, a quantized linear layer, or
+    a LoRA wrapper of one."""
+    from .dispatch import conv1d_type
     from .layers import Linear
+    from .quant.registry import layer_types
 
-    if isinstance(module, (nn.Linear, Linear)):
-        return True
-    return type(module).__name__ in ("Conv1D", "Linear4bit")
+    conv1d = conv1d_type()
+    return isinstance(module, (nn.Linear, Linear, *layer_types(), *([conv1d] if conv1d else [])))
 
 
 def _no_match_message(model: nn.Module, targets: list[str] | str, excluded: list[str]) -> str:

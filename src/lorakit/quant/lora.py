@@ -2,8 +2,8 @@
 
     y = Linear4bit(x) + scaling · B(A(dropout(x)))      x: (..., in), A: (r, in), B: (out, r)
 
-Importing `lorakit.quant` registers `Linear4bitLora` with the dispatcher, so `get_peft_model`
-wraps a `Linear4bit` exactly as it wraps an `nn.Linear`: same factor names, shapes, init and
+`lorakit.quant` registers the "nf4" format (`registry.QUANTIZERS`) with `Linear4bitLora` as its
+wrapper, so `get_peft_model` wraps a `Linear4bit` exactly as an `nn.Linear`: same factor names, shapes, init and
 file keys, hence an adapter trained on a 4-bit base is an ordinary adapter that loads on the
 float base too (and in PEFT).
 
@@ -25,18 +25,16 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from torch import nn
 
-from lorakit import dispatch
 from lorakit.config import LoraConfig
 from lorakit.layers import Linear, LoraLayer
-from lorakit.layers.base import QuantizedMergeError
-from lorakit.layers.base import check_finite_merge
-from lorakit.quant.linear4bit import Linear4bit, quantize_model
+from lorakit.layers.base import QuantizedMergeError, check_finite_merge
+from lorakit.quant import registry
+from lorakit.quant.linear4bit import Linear4bit
 
 if TYPE_CHECKING:
     from lorakit.model import LoraModel
 
 __all__ = [
-    "QUANTIZE_METHODS",
     "Linear4bitLora",
     "QuantizedMergeError",
     "dequantize_linear",
@@ -45,8 +43,6 @@ __all__ = [
     "quantize_for_lora",
 ]
 
-QUANTIZE_METHODS = ("nf4",)
-"""Values accepted by `get_peft_model(..., quantize=...)`."""
 
 DtypeChoice = torch.dtype | Literal["original"] | None
 
@@ -77,12 +73,6 @@ class Linear4bitLora(Linear):
     def __init__(self, base_layer: Linear4bit) -> None:
         super().__init__(base_layer, fan_in_fan_out=False)
 
-    def _reset_factors(self, name: str, init: bool | str) -> None:
-        if init == "pissa":
-            raise ValueError("init_lora_weights='pissa' rewrites the base weight, which is 4-bit here; "
-                             "use True or 'gaussian' with a quantized base")
-        super()._reset_factors(name, init)
-
     def merged_weight(self, names: list[str]) -> torch.Tensor:
         """Dequantized base weight plus the adapters' ΔW, in float32 (nothing written back).
 
@@ -102,13 +92,6 @@ class Linear4bitLora(Linear):
         """
         if [n for n in names if n not in self.merged_adapters]:
             raise QuantizedMergeError(MERGE_REFUSAL)
-
-
-def _linear4bit_factory(layer: nn.Module, config: LoraConfig) -> LoraLayer:
-    return Linear4bitLora(layer)
-
-
-dispatch.register(Linear4bit, _linear4bit_factory)
 
 
 # --- quantizing a model for LoRA ---------------------------------------------------------------
@@ -131,7 +114,7 @@ def quantize_for_lora(
     Args:
         model: The float model (e.g. a transformers causal LM in float32 or bf16).
         config: The adapter's config.
-        method: Quantization format; only "nf4". Default "nf4".
+        method: A format of `lorakit.quant.registry.QUANTIZERS`. Default "nf4".
         double_quant: 8-bit quantize the NF4 scales (about 0.37 fewer bits per weight).
             Default False.
         compute_dtype: dtype of the 4-bit layers' matmuls; None (default) uses each input's dtype.
@@ -146,8 +129,7 @@ def quantize_for_lora(
     """
     from lorakit.targeting import output_head_path, select_modules_to_save, select_targets
 
-    if method not in QUANTIZE_METHODS:
-        raise ValueError(f"quantize={method!r} is not supported; choose one of {QUANTIZE_METHODS}")
+    quantizer = registry.get(method)  # an unknown name raises before anything changes
     select_targets(model, config)  # raises before anything is quantized
     kept = set(select_modules_to_save(model, config))
     head = output_head_path(model)
@@ -157,15 +139,15 @@ def quantize_for_lora(
         path for path, module in model.named_modules()
         if isinstance(module, nn.Linear) and any(path == k or path.startswith(k + ".") for k in kept)
     }
-    return quantize_model(model, skip=skip, blocksize=blocksize, double_quant=double_quant,
-                          compute_dtype=compute_dtype)
+    return quantizer.quantize_model(model, skip=skip, blocksize=blocksize, double_quant=double_quant,
+                                    compute_dtype=compute_dtype)
 
 
 # --- back to floats ----------------------------------------------------------------------------
 
 def has_quantized_layers(model: nn.Module) -> bool:
-    """Whether `model` holds any `Linear4bit` (wrapped by LoRA or not)."""
-    return any(isinstance(m, Linear4bit) for m in model.modules())
+    """Whether `model` holds any quantized layer of a registered format (wrapped by LoRA or not)."""
+    return registry.model_quantizer(model) is not None
 
 
 def _target_dtype(layer: Linear4bit, dtype: DtypeChoice) -> torch.dtype:

@@ -188,6 +188,21 @@ def nf4_bits_per_param(blocksize: int = 64, double_quant: bool = False) -> float
     return 4 + 32 / blocksize
 
 
+def nf4_nbytes(numel: int, double_quant: bool = False, blocksize: int = 64) -> int:
+    """Bytes of one weight of `numel` elements stored by `quantize_nf4`: the packed 4-bit codes plus
+    the block scales (float32 absmax per block; with double quantization an 8-bit absmax per block,
+    a float32 scale per 256 blocks and one float32 offset). Equals `quantize_nf4(w).nbytes`.
+
+    Raises:
+        ValueError: If ``blocksize`` is not positive.
+    """
+    _check_blocksize(blocksize)
+    blocks = math.ceil(numel / blocksize)
+    if double_quant:
+        return math.ceil(numel / 2) + blocks + 4 * math.ceil(blocks / DOUBLE_QUANT_BLOCKSIZE) + 4
+    return math.ceil(numel / 2) + 4 * blocks
+
+
 def _check_blocksize(blocksize: int) -> None:
     if not isinstance(blocksize, int) or isinstance(blocksize, bool) or blocksize < 1:
         raise ValueError(f"blocksize must be a positive int, got {blocksize!r}")
