@@ -276,6 +276,10 @@ def read_adapter(directory: str | os.PathLike, allow_pickle: bool = False) -> tu
             raise AdapterLoadError(f"{pickled} does not hold a dict of tensors")
     else:
         raise AdapterLoadError(f"{directory} has no {WEIGHTS_NAME}")
+    not_float = [f"{k} ({t.dtype})" for k, t in tensors.items() if not t.is_floating_point()]
+    if not_float:
+        raise AdapterLoadError(f"{weights}: adapter weights must be floating point; {len(not_float)} are not: "
+                               f"{_few(sorted(not_float))}")
     bad = nonfinite_keys(tensors)
     if bad:
         raise AdapterLoadError(f"{weights}: tensors hold NaN or inf: {bad[:5]}")

@@ -252,8 +252,9 @@ class LoraConfig(PeftConfig):
         if self.lora_bias and self.init_lora_weights not in (True, False):
             raise ConfigError(f"lora_bias=True needs init_lora_weights True or False (as in PEFT), "
                               f"got {self.init_lora_weights!r}")
-        if not isinstance(self.use_dora, bool):
-            raise ConfigError(f"use_dora must be True or False, got {self.use_dora!r}")
+        for name in ("fan_in_fan_out", "use_rslora", "use_dora", "lora_bias", "inference_mode"):
+            if not isinstance(getattr(self, name), bool):  # "no" or 0 is not a boolean
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.use_dora and self.lora_bias:
             raise ConfigError("lora_bias=True is not supported with use_dora=True (DoRA), as in PEFT")
         for name in ("target_modules", "exclude_modules"):
@@ -261,6 +262,13 @@ class LoraConfig(PeftConfig):
             if value is not None and not isinstance(value, str):
                 if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
                     raise ConfigError(f"{name} must be a list of module names or a regex string, got {value!r}")
+            elif isinstance(value, str):
+                _check_regex(name, value)
+        for name in ("rank_pattern", "alpha_pattern"):
+            for key in getattr(self, name):
+                if not isinstance(key, str) or not key:
+                    raise ConfigError(f"{name} keys must be regex strings, got {key!r}")
+                _check_regex(f"{name} key", key)
         if self.modules_to_save is not None and not all(isinstance(v, str) for v in self.modules_to_save):
             raise ConfigError(f"modules_to_save must be a list of module names, got {self.modules_to_save!r}")
         layers = self.layers_to_transform
@@ -384,9 +392,19 @@ def _check_rank(name: str, value: Any) -> None:
         raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
 
 
+MAX_ALPHA = 1e6  # far above any alpha in use (typically <= 2r); larger values make the outputs overflow
+
+
 def _check_alpha(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ConfigError(f"{name} must be a number > 0, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= MAX_ALPHA:
+        raise ConfigError(f"{name} must be a finite number in (0, {MAX_ALPHA:g}], got {value!r}")
+
+
+def _check_regex(name: str, pattern: str) -> None:
+    try:
+        re.compile(pattern)
+    except (re.error, RecursionError, OverflowError) as err:
+        raise ConfigError(f"{name} {pattern!r} is not a valid regular expression: {err}") from None
 
 
 # --- adapter_config.json on disk ---------------------------------------------------------------
@@ -444,6 +462,8 @@ def read_config(directory: str | os.PathLike) -> LoraConfig:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise AdapterLoadError(f"{path} is not valid JSON: {err}") from err
+    except RecursionError:
+        raise AdapterLoadError(f"{path} is nested too deeply to be an adapter config") from None
     try:
         return LoraConfig.from_dict(data)
     except ConfigError as err:

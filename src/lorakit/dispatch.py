@@ -8,6 +8,7 @@ is looked up in one table, checked in order. A user's custom layer is one `regis
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 from torch import nn
@@ -18,8 +19,16 @@ from .quant.registry import layer_types, quantizer_of
 
 Factory = Callable[[nn.Module, LoraConfig], LoraLayer]
 
+def _linear(layer: nn.Module, config: LoraConfig) -> LoraLayer:
+    """nn.Linear stores its weight (out, in): `fan_in_fan_out` is corrected to False, as PEFT does."""
+    if config.fan_in_fan_out:
+        warnings.warn("fan_in_fan_out is set to True but the target module is `torch.nn.Linear`. "
+                      "Setting fan_in_fan_out to False.", stacklevel=2)
+    return Linear(layer, fan_in_fan_out=False)
+
+
 _REGISTRY: list[tuple[type[nn.Module], Factory]] = [
-    (nn.Linear, lambda layer, config: Linear(layer, config.fan_in_fan_out)),
+    (nn.Linear, _linear),
     (nn.Embedding, lambda layer, config: Embedding(layer)),
     (nn.Conv1d, lambda layer, config: Conv(layer)),
     (nn.Conv2d, lambda layer, config: Conv(layer)),
@@ -61,7 +70,10 @@ def wrap(layer: nn.Module, config: LoraConfig) -> LoraLayer:
         if isinstance(layer, layer_type):
             return factory(layer, config)
     conv1d = conv1d_type()
-    if conv1d is not None and isinstance(layer, conv1d):
+    if conv1d is not None and isinstance(layer, conv1d):  # weight stored (in, out): corrected as PEFT does
+        if not config.fan_in_fan_out:
+            warnings.warn("fan_in_fan_out is set to False but the target module is `Conv1D`. "
+                          "Setting fan_in_fan_out to True.", stacklevel=2)
         return Linear(layer, fan_in_fan_out=True)
     names = ", ".join(sorted({t.__name__ for t in supported_types()}))
     raise TypeError(f"LoRA cannot wrap a {type(layer).__name__}; supported layer types: {names}")
