@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 from lorakit import AdapterLoadError, LoraConfig, PeftModel, get_peft_model
 from lorakit.layers import LoraLayer
 
-from conftest import logits, tiny_bert_classifier, tiny_gpt2, tiny_llama
+from conftest import logits, perturb_trainables, tiny_bert_classifier, tiny_gpt2, tiny_llama
 
 QV = dict(target_modules=["q_proj", "v_proj"])
 
@@ -311,17 +311,46 @@ def test_missing_directory_and_bad_names(tmp_path):
 
 def test_saving_leaves_no_temporary_files_and_replaces_atomically(tmp_path, monkeypatch):
     model = get_peft_model(tiny_llama(), random_adapter())
-    model.save_pretrained(tmp_path)
-    original = (tmp_path / "adapter_model.safetensors").read_bytes()
+    model.save_pretrained(tmp_path / "a")
+    original = (tmp_path / "a" / "adapter_model.safetensors").read_bytes()
     import lorakit.files as files
 
     def crash(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(files.os, "replace", crash)
+    monkeypatch.setattr(files, "_exchange", crash)
     with torch.no_grad():
         model.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"].weight.add_(1)
     with pytest.raises(OSError, match="disk full"):
-        model.save_pretrained(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
-    assert (tmp_path / "adapter_model.safetensors").read_bytes() == original
+        model.save_pretrained(tmp_path / "a")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]  # no temporary folder left
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    assert (tmp_path / "a" / "adapter_model.safetensors").read_bytes() == original
+
+
+@pytest.mark.parametrize("exchange", [True, False])
+def test_saving_into_a_folder_keeps_what_else_it_holds(tmp_path, monkeypatch, exchange, ids):
+    import lorakit.files as files
+
+    if not exchange:  # where renameat2 is missing: each file replaced on its own
+        monkeypatch.setattr(files, "_exchange", lambda a, b: False)
+    model = get_peft_model(tiny_llama(), random_adapter())
+    model.add_adapter("other", LoraConfig(r=2, target_modules=["v_proj"]))
+    model.save_pretrained(tmp_path)
+    (tmp_path / "tokenizer.json").write_text("{}")
+    perturb_trainables(model)
+    model.save_pretrained(tmp_path, selected_adapters=["default"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "README.md", "adapter_config.json", "adapter_model.safetensors", "other", "tokenizer.json"]
+    assert (tmp_path / "tokenizer.json").read_text() == "{}"
+    reloaded = PeftModel.from_pretrained(tiny_llama(), str(tmp_path))
+    reloaded.load_adapter(str(tmp_path / "other"), "other")
+    torch.testing.assert_close(logits(reloaded, ids), logits(model, ids))
+    assert [p.name for p in tmp_path.parent.iterdir() if p.name.startswith(f".{tmp_path.name}.tmp-")] == []
+
+
+def test_leftovers_of_a_killed_save_are_removed_by_the_next(tmp_path):
+    (tmp_path / ".adapter.tmp-123-deadbeef").mkdir()
+    (tmp_path / ".adapter.tmp-123-deadbeef" / "adapter_model.safetensors").write_bytes(b"half")
+    get_peft_model(tiny_llama(), random_adapter()).save_pretrained(tmp_path / "adapter")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]

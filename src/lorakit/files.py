@@ -1,7 +1,7 @@
 """Files written whole or not at all: a reader (or a crash) never sees part of one.
 
     atomic_write(path, data)                 one file: a temporary name in the same folder, a rename
-    write_files(folder, {name: data, ...})   a new folder appears complete or not at all
+    write_files(folder, {name: data, ...})   a folder changes as one step: before or after, never between
     with staged_directory(folder) as tmp:    a folder written by other code, renamed into place (or swapped)
 
 Files and folders get the modes a plain `open()` / `mkdir()` would give (the user's umask), not
@@ -11,6 +11,10 @@ the 0600/0700 of the temporary-file functions.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
+import functools
+import glob
 import os
 import shutil
 import tempfile
@@ -54,20 +58,22 @@ def atomic_write(path: Path, data: bytes) -> None:
 
 
 def write_files(directory: Path, files: dict[str, bytes]) -> None:
-    """Write named files into `directory` so that no reader sees part of them.
+    """Write named files into `directory` as one change: a reader, or a crash at any instant,
+    sees the folder as it was before or as it is after, never a mix.
 
-    A folder that does not exist yet is written whole under a temporary sibling name and renamed
-    into place: it appears complete or not at all. Into an existing folder each file is written
-    through a temporary name and a rename, in the order given (put the file that marks the folder
-    complete, e.g. a config, last).
+    The new folder is built whole under a temporary sibling name: the files given, plus hard
+    links to every other entry already in `directory` (another adapter's subfolder, a
+    tokenizer, a trainer's state), which are kept. It then takes the old folder's place: by a
+    rename when there was none (or an empty one), by an atomic exchange of the two folders
+    (Linux `renameat2(RENAME_EXCHANGE)`) when there was one. Where the exchange is not
+    available, each file is replaced through a temporary name instead, in the order given (put
+    the file that marks the folder complete, e.g. a config, last). Temporary folders a killed
+    writer left beside `directory` are removed first.
     """
     directory = Path(directory)
-    if directory.is_dir():
-        for name, data in files.items():
-            atomic_write(directory / name, data)
-        return
     directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = directory.parent / f".{directory.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    remove_leftovers(directory)
+    tmp = directory.parent / f"{_TMP_PREFIX.format(name=directory.name)}{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(mode=0o777 & ~umask())
     try:
         for name, data in files.items():
@@ -75,10 +81,64 @@ def write_files(directory: Path, files: dict[str, bytes]) -> None:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
-        os.rename(tmp, directory)  # an empty folder created meanwhile is replaced; a full one is an error
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        if not directory.is_dir() or not any(directory.iterdir()):
+            os.rename(tmp, directory)  # a missing or empty folder: replaced in one step
+            return
+        for entry in directory.iterdir():
+            if entry.name not in files:
+                _link_tree(entry, tmp / entry.name)
+        os.chmod(tmp, directory.stat().st_mode & 0o7777)
+        if not _exchange(tmp, directory):
+            for name, data in files.items():
+                atomic_write(directory / name, data)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # after an exchange: the old folder
+
+
+_TMP_PREFIX = ".{name}.tmp-"
+
+
+def remove_leftovers(directory: Path) -> None:
+    """Remove the temporary folders a killed `write_files` left beside `directory`."""
+    for leftover in directory.parent.glob(f"{glob.escape(_TMP_PREFIX.format(name=directory.name))}*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _link_tree(source: Path, target: Path) -> None:
+    """`target` holding the same files as `source`, by hard links (a copy where links fail)."""
+    if source.is_dir() and not source.is_symlink():
+        shutil.copytree(source, target, symlinks=True, copy_function=_link_or_copy)
+    else:
+        _link_or_copy(source, target)
+
+
+def _link_or_copy(source, target) -> None:
+    try:
+        os.link(source, target, follow_symlinks=False)
+    except OSError:
+        shutil.copy2(source, target, follow_symlinks=False)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux renameat2 with RENAME_EXCHANGE); False where unsupported."""
+    renameat2 = getattr(_libc(), "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EPERM):  # no such call, or not on this filesystem
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+@functools.lru_cache(maxsize=1)
+def _libc():
+    try:
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:  # pragma: no cover - no C library to ask
+        return None
 
 
 @contextlib.contextmanager
