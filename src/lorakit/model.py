@@ -46,6 +46,14 @@ def warn_user(message: str) -> None:
     warnings.warn(message, UserWarning, stacklevel=level)
 
 
+def follow_mode(wrapper: nn.Module, training: bool) -> None:
+    """Put `wrapper` and its submodules in train/eval mode `training`, touching only those not in it
+    already (the new adapter's modules), rather than `train()`'s walk over every submodule."""
+    for module in wrapper.modules():
+        if module.training != training:
+            module.training = training
+
+
 def holds_adapters(model: nn.Module) -> bool:
     """Whether any module of `model` is a lorakit wrapper (LoRA layer or modules_to_save copy)."""
     return any(isinstance(m, (LoraLayer, ModulesToSave)) for m in model.modules())
@@ -215,7 +223,7 @@ class LoraModel(nn.Module):
             for path, layer, spec in planned:
                 touched.append(layer)
                 layer.add_adapter(adapter_name, spec, init=None if skip_init else config.init_lora_weights)
-                layer.train(layer.base_layer.training)  # new modules follow the model's train/eval mode
+                follow_mode(layer, layer.base_layer.training)  # new modules follow the model's train/eval mode
             for path in saved:
                 module = self.model.get_submodule(path)
                 if not isinstance(module, ModulesToSave):
@@ -224,7 +232,7 @@ class LoraModel(nn.Module):
                     created.append((path, original))
                 touched.append(module)
                 module.add_adapter(adapter_name)
-                module.train(module.original_module.training)
+                follow_mode(module, module.original_module.training)
         except BaseException:
             # undo exactly what this call did: other adapters (of this or another wrapper) are untouched
             for wrapper in touched:

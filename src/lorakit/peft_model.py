@@ -367,8 +367,8 @@ class PeftModel(nn.Module):
             self.peft_config[adapter_name] = dataclasses.replace(current, inference_mode=not is_trainable)
             self.base_model.set_adapter(self.active_adapter)  # re-marks which parameters train
         self._move_adapter(adapter_name, device=torch_device)
-        if not is_trainable:
-            self.eval()  # as PEFT
+        if not is_trainable and self.training:
+            self.eval()  # as PEFT (an eval model, the usual case when serving, is not walked again)
         return nn.modules.module._IncompatibleKeys(missing_keys=[], unexpected_keys=[])
 
     def _move_adapter(self, adapter_name: str, device: str | torch.device | None = None,
