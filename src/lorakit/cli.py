@@ -11,6 +11,7 @@ the defaults, and flags given on the command line override them.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import inspect
 import os
@@ -79,13 +80,67 @@ def _list_parser(item_type: type) -> Callable[[str], list[Any]]:
     return parse
 
 
+def _bool_or_str(text: str) -> bool | str:
+    return {"true": True, "false": False}.get(text.lower(), text)
+
+
+_bool_or_str.__name__ = "true, false or a name"
+
+
+def _mapping_parser(value_type: type) -> Callable[[str], dict[str, Any]]:
+    def parse(text: str) -> dict[str, Any]:
+        pairs = [part.rsplit("=", 1) for part in text.split(",") if part.strip()]
+        if any(len(pair) != 2 for pair in pairs):
+            raise ValueError(text)
+        return {key.strip(): value_type(value) for key, value in pairs}
+
+    parse.__name__ = f"comma-separated regex={value_type.__name__} pairs"
+    return parse
+
+
+def _field_kwargs(annotation: Any) -> dict[str, Any]:
+    """argparse settings for a dataclass field's type (bool, str/int/float, lists, unions, dicts)."""
+    origin, args = typing.get_origin(annotation), [a for a in typing.get_args(annotation) if a is not type(None)]
+    if annotation is bool:
+        return {"action": argparse.BooleanOptionalAction}
+    if origin in (typing.Union, types.UnionType):
+        if set(args) == {bool, str}:
+            return {"type": _bool_or_str}
+        listed = [a for a in args if typing.get_origin(a) is list]
+        if listed:
+            return {"type": _list_parser((typing.get_args(listed[0]) or (str,))[0])}
+        return _field_kwargs(args[0])
+    if origin is list:
+        return {"type": _list_parser((args or [str])[0])}
+    if origin is dict:
+        return {"type": _mapping_parser(args[1] if len(args) == 2 else str)}
+    return {"type": annotation} if annotation in (int, float, str) else {}
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, config_class: type, skip: tuple[str, ...] = ()) -> None:
+    """One `--flag` per field of a dataclass (its type and docstring give the flag's type and help)."""
+    hints = typing.get_type_hints(config_class)
+    _, helps = docstring_args(config_class)
+    for field in dataclasses.fields(config_class):
+        if field.name in skip:
+            continue
+        default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+        help_text = helps.get(field.name, "")
+        if default not in (None, False, "", {}, []) and help_text:
+            help_text += f" (default: {default})"
+        parser.add_argument("--" + field.name.replace("_", "-"), dest=field.name, default=default, help=help_text,
+                            **_field_kwargs(hints[field.name]))
+
+
 def add_arguments(parser: argparse.ArgumentParser, fn: Callable[..., Any], skip: tuple[str, ...] = ()) -> None:
     """Add one flag per parameter of `fn`.
 
     Positional-or-keyword parameters without a default become positional arguments;
     keyword-only ones (after `*`) without a default become required `--flags`. A function
-    with `**kwargs` and an `extends` attribute (another command function) also gets that
-    function's flags, except its own and those named in `extends_exclude`.
+    with `**kwargs` and a `config_fields` attribute, (dataclass, excluded names), also gets one
+    flag per field of that dataclass (`add_config_arguments`) it does not take itself. A
+    function with `**kwargs` and an `extends` attribute (another command function) also gets
+    that function's flags, except its own and those named in `extends_exclude`.
     """
     hints = typing.get_type_hints(fn)
     _, helps = docstring_args(fn)
@@ -113,6 +168,10 @@ def add_arguments(parser: argparse.ArgumentParser, fn: Callable[..., Any], skip:
             parser.add_argument(name, **kwargs)
         else:  # keyword-only parameters without a default become required flags
             parser.add_argument("--" + name.replace("_", "-"), dest=name, required=required, **kwargs)
+    config_fields = getattr(fn, "config_fields", None)
+    if config_fields is not None:
+        config_class, excluded = config_fields
+        add_config_arguments(parser, config_class, skip=skip + tuple(params) + tuple(excluded))
     base = getattr(fn, "extends", None)
     if base is not None:
         own = tuple(n for n in params if params[n].kind is not inspect.Parameter.VAR_KEYWORD)

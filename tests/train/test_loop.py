@@ -155,3 +155,31 @@ def test_cli_names_the_malformed_line(setup, tmp_path):
     assert result.returncode == 1
     assert "bad.jsonl" in result.stderr and "line 2" in result.stderr and "output" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_every_lora_setting_is_a_flag_and_a_yaml_key(setup, tmp_path):
+    from lorakit import cli
+
+    model, data = setup
+    common = ["--data", str(data), "--model", str(model), "--max-steps", "3", "--batch-size", "4",
+              "--target-modules", "q_proj,v_proj", "--val-fraction", "0", "--quiet"]
+    assert cli.main(["train", *common, "--out", str(tmp_path / "flags"), "--use-dora", "--init-lora-weights",
+                     "gaussian", "--rank-pattern", "v_proj=2", "--alpha-pattern", "v_proj=4",
+                     "--layers-to-transform", "0", "--bias", "lora_only"]) == 0
+    saved = json.loads((tmp_path / "flags" / "adapter" / "adapter_config.json").read_text())
+    assert (saved["use_dora"], saved["init_lora_weights"], saved["rank_pattern"], saved["alpha_pattern"],
+            saved["layers_to_transform"], saved["bias"]) == (True, "gaussian", {"v_proj": 2}, {"v_proj": 4.0}, [0],
+                                                             "lora_only")
+    tensors = load_file(tmp_path / "flags" / "adapter" / "adapter_model.safetensors")
+    assert "base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector" in tensors
+    assert not any(".layers.1." in k for k in tensors)
+    assert tensors["base_model.model.model.layers.0.self_attn.v_proj.lora_A.weight"].shape[0] == 2
+    run_config = yaml.safe_load((tmp_path / "flags" / "run_config.yaml").read_text())
+    assert run_config["use_dora"] is True and run_config["rank_pattern"] == {"v_proj": 2}
+
+    config = tmp_path / "run.yaml"
+    config.write_text("lora_bias: true\ninit_lora_weights: false\nmodules_to_save: [lm_head]\n")
+    assert cli.main(["train", *common, "--out", str(tmp_path / "yaml"), "--config", str(config)]) == 0
+    saved = json.loads((tmp_path / "yaml" / "adapter" / "adapter_config.json").read_text())
+    assert (saved["lora_bias"], saved["init_lora_weights"], saved["modules_to_save"]) == (True, False, ["lm_head"])
+    assert cli.main(["train", *common, "--out", str(tmp_path / "bad"), "--use-dora", "--lora-bias"]) == 1  # refused

@@ -209,6 +209,7 @@ def train(
     save_every: int = 0,
     resume: bool = False,
     quiet: bool = False,
+    **lora_options: Any,
 ) -> dict[str, Any]:
     """Fine-tune a LoRA adapter on a JSON Lines file and save it.
 
@@ -244,11 +245,15 @@ def train(
         save_every: Checkpoint every N steps (0: no intermediate checkpoints).
         resume: Continue from the newest checkpoint in --out.
         quiet: No progress bar.
+        **lora_options: Any other `LoraConfig` field: use_dora, init_lora_weights, lora_bias, bias,
+            layers_to_transform, layers_pattern, rank_pattern, alpha_pattern, modules_to_save,
+            exclude_modules (on the command line each is a flag, e.g. --use-dora, --rank-pattern
+            q_proj=16, --init-lora-weights gaussian; in the YAML file a key).
 
     Returns:
         A summary: steps, final train and validation loss, seconds, adapter path.
     """
-    settings = {k: v for k, v in locals().items()}
+    settings = {k: v for k, v in locals().items() if k != "lora_options"} | lora_options
     ctx = Dist.setup()
     out_dir = Path(out)
     random.seed(seed)
@@ -265,7 +270,7 @@ def train(
     if targets and len(targets) == 1 and targets[0] in ("all-linear",):
         targets = targets[0]
     config = LoraConfig(r=r, lora_alpha=lora_alpha, target_modules=targets, lora_dropout=lora_dropout,
-                        use_rslora=use_rslora, task_type="CAUSAL_LM")
+                        use_rslora=use_rslora, task_type="CAUSAL_LM", **lora_options)
     peft_model = get_peft_model(base, config, quantize=None if quantize == "none" else quantize,
                                 double_quant=double_quant)
     if gradient_checkpointing:
@@ -381,3 +386,8 @@ def _log_eval(metrics, bar, step: int, val_loss: float) -> None:
     metrics.flush()
     if bar is not None:
         bar.write(f"step {step}: val_loss {val_loss:.4f}")
+
+
+# The CLI and the YAML file reach every other LoraConfig field through **lora_options.
+train.config_fields = (LoraConfig, ("task_type", "peft_type", "base_model_name_or_path", "inference_mode",
+                                    "fan_in_fan_out"))
