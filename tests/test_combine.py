@@ -142,9 +142,10 @@ def test_bad_arguments_are_refused_and_add_nothing(kwargs, fragment):
 
 def test_pissa_inputs_and_meta_models_are_refused():
     model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=QV, init_lora_weights="pissa"))
-    model.add_adapter("b", LoraConfig(r=4, target_modules=QV))
+    with pytest.raises(ValueError, match="keep PiSSA/OLoRA adapters on a base of their own"):
+        model.add_adapter("b", LoraConfig(r=4, target_modules=QV))  # it would run on the PiSSA residual
     with pytest.raises(ValueError, match="convert it to a plain LoRA adapter first"):
-        model.add_weighted_adapter(["default", "b"], [1.0, 1.0], "mix")
+        model.add_weighted_adapter(["default"], [1.0], "mix")
     with torch.device("meta"):
         base = tiny_llama()
     model = get_peft_model(base, LoraConfig(r=4, target_modules=QV))

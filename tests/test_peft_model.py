@@ -412,7 +412,7 @@ def test_a_failed_load_onto_a_base_running_another_adapter_keeps_it_running(tmp_
 
 @pytest.mark.parametrize("init", ["pissa", "olora"])
 def test_a_failed_weight_rewriting_injection_or_load_puts_the_base_weights_back(monkeypatch, tmp_path, ids, init):
-    model = get_peft_model(tiny_llama(), qv(), adapter_name="first")
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["k_proj", "o_proj"]), adapter_name="first")
     perturb_trainables(model)
     before = snapshot(model, ids)
     real = ModulesToSave.add_adapter
@@ -437,3 +437,23 @@ def test_a_failed_weight_rewriting_injection_or_load_puts_the_base_weights_back(
     with pytest.raises(AdapterLoadError, match="missing"):
         model.load_adapter(str(tmp_path), "broken")
     assert_same(before, snapshot(model, ids))
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_a_weight_rewriting_adapter_never_shares_a_layer_with_another(tmp_path, ids, init):
+    """PiSSA/OLoRA replace the base by a residual: another adapter on that layer would silently
+    compute something else, so either order is refused before anything changes."""
+    model = get_peft_model(tiny_llama(), qv())
+    perturb_trainables(model)
+    before = snapshot(model, ids)
+    with pytest.raises(ValueError, match=f"init_lora_weights='{init}' replaces this layer's base weight"):
+        model.add_adapter("residual", LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=init))
+    assert_same(before, snapshot(model, ids))
+    get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=init)).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="replaces this layer's base weight"):  # a load, as a server would do it
+        model.load_adapter(str(tmp_path), "residual")
+    assert_same(before, snapshot(model, ids))
+    alone = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=init))
+    with pytest.raises(ValueError, match=f"adapter 'default' \\(init_lora_weights='{init}'\\)"):
+        alone.add_adapter("plain", LoraConfig(r=2, target_modules=["q_proj"]))
+    alone.add_adapter("elsewhere", LoraConfig(r=2, target_modules=["v_proj"]))  # another layer: fine

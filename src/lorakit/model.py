@@ -178,8 +178,11 @@ class LoraModel(nn.Module):
         """
         self._inject(adapter_name, config, low_cpu_mem_usage)
 
-    def _inject(self, adapter_name: str, config: LoraConfig, low_cpu_mem_usage: bool) -> _Undo:
-        """`add_adapter`'s work; returns what undoes it beyond removing the adapter (`_restore`)."""
+    def _inject(self, adapter_name: str, config: LoraConfig, low_cpu_mem_usage: bool,
+                replacing: str | None = None) -> _Undo:
+        """`add_adapter`'s work; returns what undoes it beyond removing the adapter (`_restore`).
+        `replacing` names an adapter about to be removed (`replace_adapter`), which does not
+        count as sharing a layer."""
         check_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
             raise ValueError(f"an adapter named {adapter_name!r} already exists")
@@ -190,6 +193,7 @@ class LoraModel(nn.Module):
         if stale:
             raise ValueError(f"adapter {adapter_name!r} already exists in {len(stale)} layers (e.g. {stale[0]}) but "
                              "not in this model's registry; remove it (remove_adapter) or pick another name")
+        self._check_base_sharing(adapter_name, config, targets, replacing)
         # PiSSA/OLoRA rewrite base weights: keep a copy, so that a failure (here or in a load that
         # follows) can put them back
         undo = self._undo_point(targets if weight_init.rewrites_base_weight(config.init_lora_weights) else [])
@@ -245,6 +249,30 @@ class LoraModel(nn.Module):
         self.set_adapter(self.active_adapter if self.active_adapter in self.peft_config else adapter_name)
         return undo
 
+    def _check_base_sharing(self, adapter_name: str, config: LoraConfig, targets: list[str],
+                            replacing: str | None) -> None:
+        """Refuse a PiSSA/OLoRA adapter on a layer another adapter uses, and any adapter on a layer
+        whose base a PiSSA/OLoRA adapter rewrote: such an adapter applies to its own residual
+        base, so sharing a layer would silently change what the other adapter computes.
+
+        Raises:
+            ValueError: naming the layer, the other adapter and the way out (convert to LoRA).
+        """
+        rewrites = weight_init.rewrites_base_weight(config.init_lora_weights)
+        for path in targets:
+            layer = self.model.get_submodule(path)
+            others = [n for n in getattr(layer, "adapters", ()) if n != replacing]
+            residual = [n for n in others if n in self.peft_config
+                        and weight_init.rewrites_base_weight(self.peft_config[n].init_lora_weights)]
+            if (rewrites and others) or residual:
+                owner = f"init_lora_weights={config.init_lora_weights!r}" if rewrites else \
+                    f"adapter {residual[0]!r} (init_lora_weights={self.peft_config[residual[0]].init_lora_weights!r})"
+                raise ValueError(
+                    f"{path}: {owner} replaces this layer's base weight by a residual, which adapter "
+                    f"{(others if rewrites else [adapter_name])[0]!r} would then run on; keep PiSSA/OLoRA adapters on "
+                    "a base of their own, or convert them to plain LoRA first (lorakit.convert.convert_to_lora, or "
+                    "save_pretrained(..., path_initial_model_for_weight_conversion=...))")
+
     def _undo_point(self, rewritten_paths: list[str]) -> _Undo:
         """What an injection or load may change besides adding its adapter: which adapter each
         wrapper runs, the active adapter, trainable flags, and the base weights at
@@ -288,9 +316,9 @@ class LoraModel(nn.Module):
         staging = f"{adapter_name}-replacing-{uuid.uuid4().hex[:8]}"
         active = self.active_adapter
         if tensors is not None:
-            self.add_adapter_from_tensors(staging, config, tensors, source=source)
+            self.add_adapter_from_tensors(staging, config, tensors, source=source, replacing=adapter_name)
         else:
-            self.add_adapter(staging, config, low_cpu_mem_usage=low_cpu_mem_usage)
+            self._inject(staging, config, low_cpu_mem_usage, replacing=adapter_name)
         # from here on nothing can fail: drop the old adapter, give the new one its name
         self._remove_everywhere(adapter_name)
         for _, wrapper in self.wrappers():
@@ -351,7 +379,7 @@ class LoraModel(nn.Module):
             self.set_adapter(next(iter(self.peft_config)))
 
     def add_adapter_from_tensors(self, adapter_name: str, config: LoraConfig, tensors: dict[str, torch.Tensor],
-                                 source: str = "") -> None:
+                                 source: str = "", replacing: str | None = None) -> None:
         """Add an adapter whose weights are already read (`adapter_format.read_adapter`): injected without
         initialisation, filled and checked by `adapter_format.load_weights`; on any error removed again, so
         the model keeps exactly the adapters it had.
@@ -360,7 +388,7 @@ class LoraModel(nn.Module):
             AdapterLoadError: the tensors do not fit (named keys and shapes).
             ValueError, TargetError: as for `add_adapter`.
         """
-        undo = self._inject(adapter_name, config, low_cpu_mem_usage=True)  # the tensors fill the factors
+        undo = self._inject(adapter_name, config, low_cpu_mem_usage=True, replacing=replacing)  # tensors fill the factors
         try:
             adapter_format.load_weights(self, adapter_name, tensors, source=source)
         except BaseException:
