@@ -54,6 +54,11 @@ def follow_mode(wrapper: nn.Module, training: bool) -> None:
             module.training = training
 
 
+def wrapper_adapters(module: nn.Module) -> list[str]:
+    """The adapters a module holds: a wrapper's names, none for any other module."""
+    return list(module.adapters) if isinstance(module, (LoraLayer, ModulesToSave)) else []
+
+
 def holds_adapters(model: nn.Module) -> bool:
     """Whether any module of `model` is a lorakit wrapper (LoRA layer or modules_to_save copy)."""
     return any(isinstance(m, (LoraLayer, ModulesToSave)) for m in model.modules())
@@ -189,7 +194,7 @@ class LoraModel(nn.Module):
         config = self._resolved_config(config)
         targets = select_targets(self.model, config)
         saved = select_modules_to_save(self.model, config)
-        stale = [p for p in targets + saved if adapter_name in getattr(self.model.get_submodule(p), "adapters", ())]
+        stale = [p for p in targets + saved if adapter_name in wrapper_adapters(self.model.get_submodule(p))]
         if stale:
             raise ValueError(f"adapter {adapter_name!r} already exists in {len(stale)} layers (e.g. {stale[0]}) but "
                              "not in this model's registry; remove it (remove_adapter) or pick another name")
@@ -261,7 +266,7 @@ class LoraModel(nn.Module):
         rewrites = weight_init.rewrites_base_weight(config.init_lora_weights)
         for path in targets:
             layer = self.model.get_submodule(path)
-            others = [n for n in getattr(layer, "adapters", ()) if n != replacing]
+            others = [n for n in wrapper_adapters(layer) if n != replacing]
             residual = [n for n in others if n in self.peft_config
                         and weight_init.rewrites_base_weight(self.peft_config[n].init_lora_weights)]
             if (rewrites and others) or residual:

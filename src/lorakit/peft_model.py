@@ -400,6 +400,11 @@ def _task_forward(*names: str) -> forward_method:
            inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD)])
 
     def forward(self, *args, **kwargs):
+        if not args:  # the usual call, model(**inputs): nothing to bind to positions
+            adapter_names = kwargs.pop("adapter_names", None)
+            kwargs.pop("task_ids", None)
+            return self._run(self.base_model.model, adapter_names, (),
+                             {k: v for k, v in kwargs.items() if v is not None or k not in names})
         values = signature.bind(self, *args, **kwargs).arguments
         values.pop("self")
         values.pop("task_ids", None)  # PEFT's multitask prompt ids; nothing for LoRA
