@@ -44,7 +44,8 @@ import torch
 from torch import nn
 
 from .config import LoraConfig
-from .layers import LoraLayer, ModulesToSave
+from .layers import VARIANTS, LoraLayer, ModulesToSave, choose_variant
+from .layers.variant import PLAIN
 from .layers import init as weight_init
 from .targeting import matches, resolve_target_modules, select_targets
 
@@ -210,11 +211,13 @@ def add_weighted_adapter(lora_model: LoraModel, adapters: list[str], weights: li
     if svd_clamp is not None and not 0 < svd_clamp <= 1:
         raise ValueError(f"svd_clamp must be a quantile in (0, 1], got {svd_clamp!r}")
     configs = [lora_model.peft_config[n] for n in adapters]
-    dora_inputs = [n for n, c in zip(adapters, configs) if c.use_dora]
-    if dora_inputs:
-        raise ValueError(f"adapters {dora_inputs} use DoRA: combining DoRA adapters is not implemented (each "
-                         "magnitude vector belongs to its own W + ΔW, so no combination of the factors "
-                         "reproduces them); merge_and_unload() one of them instead")
+    variants = {n: VARIANTS[choose_variant(c)] for n, c in zip(adapters, configs)}
+    others = [n for n, v in variants.items() if v.name != PLAIN]
+    if others:
+        titles = sorted({variants[n].title for n in others})
+        raise ValueError(f"adapters {others} use {', '.join(titles)}: combining adapters of a LoRA variant is not "
+                         "implemented (DoRA's magnitude vector belongs to its own W + ΔW, so no combination of the "
+                         "factors reproduces it); merge_and_unload() one of them instead")
     for name, config in zip(adapters, configs):
         if weight_init.rewrites_base_weight(config.init_lora_weights):
             raise ValueError(f"adapter {name!r} was initialised with init_lora_weights={config.init_lora_weights!r}: "

@@ -23,7 +23,7 @@ from torch import nn
 from . import adapter_format, dispatch
 from .adapter_format import check_adapter_name
 from .config import LoraConfig
-from .layers import BASE_ADAPTER, AdapterRouting, AdapterSpec, LoraLayer, ModulesToSave
+from .layers import BASE_ADAPTER, VARIANTS, AdapterRouting, AdapterSpec, LoraLayer, ModulesToSave, choose_variant
 from .layers.base import QuantizedMergeError, check_finite_merge
 from .quant.registry import model_quantizer
 from .layers import init as weight_init
@@ -173,9 +173,9 @@ class LoraModel(nn.Module):
         the file does not hold the residual base.
 
         Raises:
-            ValueError: the name is invalid or taken; use_dora with a target whose layer type
-                does not implement DoRA (Embedding, Conv, 4-bit; checked on every target before
-                any adapter is added); or init_lora_weights is "pissa"/"olora" and
+            ValueError: the name is invalid or taken; the config's variant (e.g. DoRA) does not
+                apply to a target's layer type (DoRA: Embedding, Conv, 4-bit; checked on every
+                target before any adapter is added); or init_lora_weights is "pissa"/"olora" and
                 a target is not a float linear layer of at least rank r (checked on every target
                 before any base weight is rewritten).
             TargetError: the config's targets match nothing in the model.
@@ -205,7 +205,7 @@ class LoraModel(nn.Module):
         created: list[tuple[str, nn.Module]] = []   # (path, original module) of each wrapper made here
         touched: list[LoraLayer | ModulesToSave] = []  # wrappers the adapter was added to
         try:
-            planned = []
+            planned, variant = [], choose_variant(config)
             for path in targets:
                 layer = self.model.get_submodule(path)
                 if not isinstance(layer, LoraLayer):
@@ -213,13 +213,11 @@ class LoraModel(nn.Module):
                     self.replace_module(path, layer)
                     created.append((path, original))
                 spec = AdapterSpec(r=config.rank_for(path), alpha=config.alpha_for(path), dropout=config.lora_dropout,
-                                   use_rslora=config.use_rslora, lora_bias=config.lora_bias,
-                                   use_dora=config.use_dora)
-                if spec.use_dora:  # before any layer gets the adapter
-                    try:
-                        layer.check_dora()
-                    except ValueError as err:
-                        raise ValueError(f"{path}: {err}") from None
+                                   use_rslora=config.use_rslora, lora_bias=config.lora_bias, variant=variant)
+                try:  # before any layer gets the adapter
+                    VARIANTS[variant].check(layer)
+                except ValueError as err:
+                    raise ValueError(f"{path}: {err}") from None
                 planned.append((path, layer, spec))
             if weight_init.rewrites_base_weight(config.init_lora_weights):
                 # PiSSA/OLoRA rewrite base weights, which a rollback cannot undo: check every layer first

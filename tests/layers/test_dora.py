@@ -35,7 +35,7 @@ def dora_layer(base, names=("d",), r=4, alpha=8.0, dropout=0.0, use_dora=(True,)
     torch.manual_seed(0)
     layer = dispatch.wrap(base, LoraConfig())
     for name, dora_on in zip(names, use_dora * len(names) if len(use_dora) == 1 else use_dora):
-        layer.add_adapter(name, AdapterSpec(r=r, alpha=alpha, dropout=dropout, use_dora=dora_on), init=False)
+        layer.add_adapter(name, AdapterSpec(r=r, alpha=alpha, dropout=dropout, variant="dora" if dora_on else "lora"), init=False)
         if dora_on:
             with torch.no_grad():
                 layer.lora_magnitude_vector[name].weight.mul_(1 + 0.3 * torch.rand(layer.out_features))
@@ -65,7 +65,7 @@ BASES = {"linear": linear_base, "linear-no-bias": lambda: linear_base(bias=False
 
 def direct(layer, name, x, x_dropped=None):
     """The direct formula (module docstring), from W, A, B, m in float64."""
-    w = layer.dora_weight().double()  # (out, in)
+    w = layer.weight_out_in().double()  # (out, in)
     a, b = layer.lora_A[name].weight.double(), layer.lora_B[name].weight.double()
     s = layer.adapters[name].scaling
     combined = w + s * b @ a  # (out, in)
@@ -127,7 +127,7 @@ def test_gradients_reach_magnitude_and_factors_and_match_autograd_of_the_formula
     x = torch.randn(2, 6, 12, requires_grad=True)
     weights = {"m": layer.lora_magnitude_vector["d"].weight, "A": layer.lora_A["d"].weight,
                "B": layer.lora_B["d"].weight}
-    w, bias = layer.dora_weight(), layer.base_layer.bias
+    w, bias = layer.weight_out_in(), layer.base_layer.bias
     s = layer.adapters["d"].scaling
 
     def formula():
@@ -168,7 +168,7 @@ def test_dora_after_a_lora_adapter_in_one_layer():
     """Two active adapters, LoRA then DoRA: DoRA rescales everything before it (PEFT's order)."""
     layer = dora_layer(linear_base(), names=("l", "d"), use_dora=(False, True)).eval()
     x = torch.randn(5, 12)
-    w, bias = layer.dora_weight(), layer.base_layer.bias
+    w, bias = layer.weight_out_in(), layer.base_layer.bias
     total = w + layer.delta_weight("l") + layer.delta_weight("d")
     scale = layer.lora_magnitude_vector["d"].weight / (w + layer.delta_weight("d")).norm(dim=1)
     expected = scale * (x @ total.T) + bias

@@ -9,9 +9,9 @@ A wrapper holds the frozen `base_layer` and, per adapter, two small trainable fa
 alpha, dropout) lives in one small `AdapterSpec` record, not in parallel dicts.
 
 Subclasses (Linear, Embedding, Conv) implement four things: how to create the factors,
-how to reset them, the LoRA path of the forward, and ΔW in the base weight's layout. A
-subclass that implements DoRA (`AdapterSpec.use_dora`; only `Linear`, see `layers.dora`) also
-sets `supports_dora` and provides `init_magnitude` and `dora_delta`; the others refuse it.
+how to reset them, the LoRA path of the forward, and ΔW in the base weight's layout. What an
+adapter does beyond plain LoRA (DoRA's magnitude, say) belongs to its variant
+(`AdapterSpec.variant`, see `layers.variant`), which this class calls and never branches on.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from .variant import PLAIN, VARIANTS, LoraVariant
 
 
 class QuantizedMergeError(ValueError):
@@ -37,8 +39,8 @@ class AdapterSpec:
         dropout: Dropout probability applied to the LoRA path's input.
         use_rslora: Scale by alpha / sqrt(r) instead of alpha / r.
         lora_bias: lora_B has a bias.
-        use_dora: DoRA: a trainable magnitude rescales each output row of W + ΔW
-            (see `layers.dora`).
+        variant: Name of its variant in `layers.variant.VARIANTS`: "lora" (plain LoRA,
+            the default) or e.g. "dora" (see `layers.dora`).
     """
 
     r: int
@@ -46,7 +48,7 @@ class AdapterSpec:
     dropout: float = 0.0
     use_rslora: bool = False
     lora_bias: bool = False
-    use_dora: bool = False
+    variant: str = PLAIN
 
     @property
     def scaling(self) -> float:
@@ -66,8 +68,6 @@ class LoraLayer(nn.Module):
 
     # Names of the attributes holding per-adapter factors, e.g. ("lora_A", "lora_B").
     factor_names: tuple[str, ...] = ("lora_A", "lora_B")
-    # Whether adapters with `use_dora` can be added (the layer types implementing DoRA set it).
-    supports_dora: bool = False
     # Whether PiSSA/OLoRA (`layers.init`, factors taken from the base weight) apply (linear layers set it).
     supports_weight_init: bool = False
 
@@ -97,26 +97,21 @@ class LoraLayer(nn.Module):
         """ΔW of adapter `name` in float32, in the layout and shape of the base weight."""
         raise NotImplementedError
 
-    def init_magnitude(self, name: str) -> None:
-        """Set DoRA adapter `name`'s magnitude from the initialised factors (DoRA layers only)."""
-        raise NotImplementedError
-
-    def dora_delta(self, x: torch.Tensor, name: str, result: torch.Tensor) -> torch.Tensor:
-        """What DoRA adapter `name` adds to `result`, the output so far (DoRA layers only)."""
-        raise NotImplementedError
-
-    def check_dora(self) -> None:
-        """Raise unless this layer can take a DoRA adapter.
-
-        Raises:
-            ValueError: the layer type does not implement DoRA.
-        """
-        if not self.supports_dora:
-            raise ValueError(f"DoRA (use_dora=True) is not implemented for {type(self).__name__} adapters on a "
-                             f"{type(self.base_layer).__name__}; lorakit implements it on nn.Linear and GPT-2's "
-                             "Conv1D only (leave this module out of target_modules, or use plain LoRA)")
-
     # --- adapters ---------------------------------------------------------------------------
+
+    def variant(self, name: str) -> LoraVariant:
+        """The variant of adapter `name` (see `layers.variant`)."""
+        return VARIANTS[self.adapters[name].variant]
+
+    def containers(self, name: str) -> tuple[str, ...]:
+        """Attributes holding adapter `name`'s parameters: the factors', then its variant's."""
+        return self.factor_names + self.variant(name).containers
+
+    def variant_store(self, attr: str) -> nn.ModuleDict:
+        """The ModuleDict `attr` of per-adapter parameters a variant adds, created on first use."""
+        if not isinstance(getattr(self, attr, None), nn.ModuleDict):
+            setattr(self, attr, nn.ModuleDict())
+        return getattr(self, attr)
 
     @property
     def base_weight(self) -> torch.Tensor:
@@ -149,43 +144,44 @@ class LoraLayer(nn.Module):
         kernels), for a caller that loads them from a file next (`adapter_format.load_weights` replaces
         them by the file's tensors on the base weight's device).
 
-        With `spec.use_dora`, the magnitude is set last, from the initialised factors (and the
-        residual base weight after a weight-derived init), as PEFT does.
+        The variant's parameters (`spec.variant`, e.g. DoRA's magnitude) are set last, from the
+        initialised factors (and the residual base weight after a weight-derived init), as PEFT
+        does.
 
         Raises:
             ValueError: the name exists in this layer, a weight-derived init does not apply
-                to this layer (see `layers.init.check_layer`), or DoRA is asked of a layer that
-                does not implement it (nothing is changed then).
+                to this layer (see `layers.init.check_layer`), or the variant does not apply to
+                it (`LoraVariant.check`; nothing is changed then).
         """
         from . import init as weight_init
 
         if name in self.adapters:
             raise ValueError(f"adapter {name!r} already exists in this layer")
-        if spec.use_dora:
-            self.check_dora()
+        variant = VARIANTS[spec.variant]
+        variant.check(self)
         weight = self.base_weight
         dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
         from_weight = weight_init.rewrites_base_weight(init)
         if from_weight:
             weight_init.check_layer(self, spec, init)
         self.adapters[name] = spec
-        if init is None:
-            self._create_factors(name, spec, torch.device("meta"), dtype)
-            return
-        self._create_factors(name, spec, weight.device, dtype)
-        if weight.device.type == "meta":
+        device = torch.device("meta") if init is None else weight.device
+        self._create_factors(name, spec, device, dtype)
+        variant.create(self, name, spec, device, dtype)
+        if device.type == "meta":
             return
         if from_weight:
             weight_init.init_from_weight(self, name, init)
         else:
             self._reset_factors(name, init)
-        if spec.use_dora:
-            self.init_magnitude(name)
+        variant.init(self, name)
 
     def delete_adapter(self, name: str) -> None:
         if name in self.merged_adapters:
             raise ValueError(f"adapter {name!r} is merged into the base weight; unmerge it before deleting")
-        for attr in self.factor_names:
+        if name not in self.adapters:
+            return
+        for attr in self.containers(name):
             container = getattr(self, attr)
             if name in container:
                 del container[name]
@@ -196,7 +192,7 @@ class LoraLayer(nn.Module):
         """Give adapter `old` the name `new` (a free name): its factors, record and flags move over."""
         if new in self.adapters:
             raise ValueError(f"adapter {new!r} already exists in this layer")
-        for attr in self.factor_names:
+        for attr in self.containers(old):
             container = getattr(self, attr)
             if old in container:
                 container[new] = container.pop(old)
@@ -209,7 +205,7 @@ class LoraLayer(nn.Module):
 
     def adapter_parameters(self, name: str) -> list[nn.Parameter]:
         params = []
-        for attr in self.factor_names:
+        for attr in self.containers(name):
             container = getattr(self, attr)
             if name in container:
                 item = container[name]
@@ -226,42 +222,55 @@ class LoraLayer(nn.Module):
             return self.routing.apply(self, x, result)
         out_dtype = result.dtype
         for name in self.active_adapters:
-            if self.adapters[name].use_dora:
-                result = result + self.dora_delta(x, name, result)
-            else:
-                result = result + self.lora_delta(x, name)
+            result = result + self.variant(name).delta(self, x, name, result)
         return result.to(out_dtype)
 
     # --- merging ------------------------------------------------------------------------------
 
-    def merged_weight(self, names: list[str]) -> torch.Tensor:
-        """Base weight plus the adapters' ΔW, computed in float32 (not written back)."""
+    def merged_weight(self, names: list[str], commit: bool = False) -> torch.Tensor:
+        """The base weight with adapters `names` folded in by their variants, in float32, in the
+        order of `names` (not written back; `commit`: the caller writes it back, see
+        `LoraVariant.merge`)."""
+        unmerged: list[torch.Tensor] = []
+
+        def unmerged_weight() -> torch.Tensor:
+            if not unmerged:
+                unmerged.append(self.unmerged_weight())
+            return unmerged[0]
+
         weight = self.base_weight.detach().float()
         for name in names:
-            weight = weight + self.delta_weight(name)
+            weight = self.variant(name).merge(self, name, weight, unmerged_weight, commit)
+        return weight
+
+    def unmerged_weight(self, commit: bool = False) -> torch.Tensor:
+        """The base weight with every merged adapter taken out, in float32 (not written back;
+        `commit`: the caller writes it back, see `LoraVariant.unmerge`)."""
+        weight = self.base_weight.detach().float()
+        for name in reversed(self.merged_adapters):
+            weight = self.variant(name).unmerge(self, name, weight, commit)
         return weight
 
     def merge(self, names: list[str]) -> None:
-        """Fold adapters into the base weight: W += ΔW, in float32, cast back to W's dtype."""
+        """Fold adapters into the base weight, in float32, cast back to W's dtype: W += ΔW for
+        plain LoRA (each variant's `merge`; a merged layer computes what the unmerged one did)."""
         todo = [n for n in names if n not in self.merged_adapters]
         if not todo:
             return
         weight = self.base_weight
         with torch.no_grad():
-            weight.copy_(self.merged_weight(todo).to(weight.dtype))
+            weight.copy_(self.merged_weight(todo, commit=True).to(weight.dtype))
             self._merge_bias(todo, +1.0)
         self.merged_adapters.extend(todo)
 
     def unmerge(self) -> None:
-        """Undo every merge: W -= ΔW in float32 (exact in fp32; in bf16 within one rounding)."""
+        """Undo every merge in float32: W -= ΔW for plain LoRA (exact in fp32; in bf16 within one
+        rounding)."""
         if not self.merged_adapters:
             return
         weight = self.base_weight
         with torch.no_grad():
-            unmerged = weight.detach().float()
-            for name in reversed(self.merged_adapters):
-                unmerged = unmerged - self.delta_weight(name)
-            weight.copy_(unmerged.to(weight.dtype))
+            weight.copy_(self.unmerged_weight(commit=True).to(weight.dtype))
             self._merge_bias(self.merged_adapters, -1.0)
         self.merged_adapters = []
 

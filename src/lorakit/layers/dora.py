@@ -1,4 +1,4 @@
-"""DoRA (weight-decomposed LoRA) on linear layers: the magnitude record, the maths, the training path.
+"""DoRA (weight-decomposed LoRA) on linear layers: the variant, its magnitude, the maths, the training path.
 
 DoRA (Liu et al. 2024, https://arxiv.org/abs/2402.09353) writes the adapted weight as a
 trainable magnitude times a direction that LoRA updates:
@@ -25,6 +25,10 @@ adapter computes what the base computes. It is saved as PEFT saves it: shape (ou
 Merging folds the whole layer: W' = (m / n) ⊙ (W + ΔW) with n taken from the unmerged base
 weight; unmerging divides it back out with the n stored at merge time (PEFT's maths).
 
+`DoraVariant` is how layers reach all of this (`layers.variant`): a config with `use_dora=True`
+selects it, it refuses layers without a 2-D float base weight (Embedding, Conv, 4-bit), and it
+owns the magnitude container, the forward and the merge.
+
 Two forwards compute these formulas:
 
 * `dora_delta` (plain autograd ops): the reference, also used by mixed-adapter batches, autocast
@@ -47,6 +51,8 @@ import torch
 from torch import nn
 
 from . import autograd
+from .linear import Linear
+from .variant import LoraVariant
 
 
 class DoraMagnitude(nn.Module):
@@ -347,3 +353,81 @@ def dora_linear(result: torch.Tensor | None, x: torch.Tensor, a: torch.Tensor, b
         return DoraLinearFunction.apply(result, x, bias_used, a, b, magnitude, norm, weight, scaling, p, seed, recipe)
     with torch.no_grad():
         return _forward(result, x, bias_used, a, b, magnitude, norm, weight, scaling, p, seed)[0]
+
+
+# --- the variant -------------------------------------------------------------------------------------
+
+class DoraVariant(LoraVariant):
+    """DoRA as a LoRA variant of `layers.linear.Linear` (nn.Linear and GPT-2's Conv1D bases).
+
+    Its parameter is m, `lora_magnitude_vector[adapter]` (a `DoraMagnitude`); its forward is
+    `dora_linear` (or `dora_delta` in plain ops); its merge rescales the rows of W + ΔW.
+    """
+
+    name = "dora"
+    title = "DoRA"
+    containers = ("lora_magnitude_vector",)
+    reads_output = True
+
+    def selected_by(self, config) -> bool:
+        return bool(config.use_dora)
+
+    def check(self, layer) -> None:
+        """DoRA needs the base weight: a `Linear` wrapper over a 2-D float `weight`.
+
+        Raises:
+            ValueError: any other layer (Embedding, Conv, a 4-bit base).
+        """
+        weight = getattr(layer.base_layer, "weight", None)
+        if not (isinstance(layer, Linear) and isinstance(weight, torch.Tensor) and weight.dim() == 2
+                and weight.is_floating_point()):
+            raise ValueError(f"DoRA (use_dora=True) is not implemented for {type(layer).__name__} adapters on a "
+                             f"{type(layer.base_layer).__name__}; lorakit implements it on nn.Linear and GPT-2's "
+                             "Conv1D only (leave this module out of target_modules, or use plain LoRA)")
+
+    def create(self, layer, name, spec, device, dtype) -> None:
+        layer.variant_store("lora_magnitude_vector")[name] = DoraMagnitude(layer.out_features, device=device,
+                                                                            dtype=dtype)
+
+    def init(self, layer, name) -> None:
+        """m = ||W + ΔW||_row of the initialised adapter (||W|| when B = 0), as PEFT initialises it."""
+        with torch.no_grad():
+            a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
+            norm = weight_norm(layer.weight_out_in(), a, b, layer.adapters[name].scaling)  # (out,)
+            layer.lora_magnitude_vector[name].weight.copy_(norm)
+
+    def delta(self, layer, x, name, result):
+        spec = layer.adapters[name]
+        p = spec.dropout if layer.training else 0.0
+        return dora_delta(x, result, layer.weight_out_in(), getattr(layer.base_layer, "bias", None),
+                          layer.lora_A[name], layer.lora_B[name], layer.lora_magnitude_vector[name].weight,
+                          spec.scaling, p)
+
+    def linear_forward(self, layer, x, name, result):
+        if layer.base_weight.requires_grad:  # a trained base weight: plain ops carry its gradient
+            result = layer.base_layer(x) if result is None else result
+            return (result + self.delta(layer, x, name, result)).to(result.dtype)
+        spec, a, b = layer.adapters[name], layer.lora_A[name], layer.lora_B[name]
+        p = spec.dropout if layer.training else 0.0
+        seed = autograd.draw_seed() if p > 0 else None
+        return dora_linear(result, x, a.weight, b.weight, layer.lora_magnitude_vector[name].weight,
+                           layer.weight_out_in(), getattr(layer.base_layer, "bias", None), spec.scaling, p, seed)
+
+    def merge(self, layer, name, weight, unmerged, commit):
+        """(m / n) ⊙ (W + ΔW) row-wise, n = ||W0 + ΔW||_row from the unmerged base weight W0 (the n
+        the unmerged forward uses, as in PEFT); with `commit`, n is kept for `unmerge`."""
+        record = layer.lora_magnitude_vector[name]
+        norm = weight_norm(layer.weight_out_in(unmerged()), layer.lora_A[name].weight.detach().float(),
+                           layer.lora_B[name].weight.detach().float(), layer.adapters[name].scaling)  # (out,)
+        if commit:
+            record.merged_norm = norm
+        factor = record.weight.detach().float() / norm  # (out,)
+        return merge_weight(weight, layer.delta_weight(name), factor, layer.fan_in_fan_out)
+
+    def unmerge(self, layer, name, weight, commit):
+        """W' / (m / n) - ΔW with the n kept at merge time; with `commit`, n is forgotten."""
+        record = layer.lora_magnitude_vector[name]
+        factor = record.weight.detach().float() / record.merged_norm  # (out,)
+        if commit:
+            record.merged_norm = None
+        return unmerge_weight(weight, layer.delta_weight(name), factor, layer.fan_in_fan_out)

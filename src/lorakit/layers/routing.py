@@ -8,7 +8,7 @@ adds all groups' results into the output with a single scatter:
     x: (B, ...) -> for each adapter g: delta_g = lora(x[rows_g])  (n_g, ..., out)
     result.index_add_(0, cat(rows_g), cat(delta_g))                  one scatter per layer
 
-A DoRA adapter's delta also reads its rows of the base output (`LoraLayer.dora_delta`).
+A variant whose delta reads the output so far (DoRA's) gets its rows of it (`LoraVariant.reads_output`).
 """
 
 from __future__ import annotations
@@ -58,10 +58,9 @@ class AdapterRouting:
         for name, rows in self.groups(x.shape[0], x.device):
             if name in layer.adapters:  # an adapter may not target this layer
                 rows_all.append(rows)
-                if layer.adapters[name].use_dora:  # DoRA rescales the base output of its rows
-                    deltas.append(layer.dora_delta(x.index_select(0, rows), name, result.index_select(0, rows)))
-                else:
-                    deltas.append(layer.lora_delta(x.index_select(0, rows), name))
+                variant = layer.variant(name)
+                output = result.index_select(0, rows) if variant.reads_output else None
+                deltas.append(variant.delta(layer, x.index_select(0, rows), name, output))
         if not deltas:
             return result
         delta = torch.cat(deltas) if len(deltas) > 1 else deltas[0]

@@ -68,20 +68,21 @@ class Linear4bitLora(Linear):
 
     mergeable = False
     merge_refusal = MERGE_REFUSAL
-    supports_dora = False  # DoRA's weight norm would need the dequantized weight every forward
 
     def __init__(self, base_layer: Linear4bit) -> None:
         super().__init__(base_layer, fan_in_fan_out=False)
 
-    def merged_weight(self, names: list[str]) -> torch.Tensor:
-        """Dequantized base weight plus the adapters' ΔW, in float32 (nothing written back).
+    def merged_weight(self, names: list[str], commit: bool = False) -> torch.Tensor:
+        """Dequantized base weight with the adapters folded in by their variants, in float32
+        (nothing written back: a 4-bit layer never merges in place).
 
         Returns:
             Tensor of shape (out_features, in_features), float32.
         """
-        weight = self.base_layer.dequantize(torch.float32)  # (out, in)
+        base = self.base_layer.dequantize(torch.float32)  # (out, in)
+        weight = base
         for name in names:
-            weight = weight + self.delta_weight(name)
+            weight = self.variant(name).merge(self, name, weight, lambda: base, commit)
         return weight
 
     def merge(self, names: list[str]) -> None:
