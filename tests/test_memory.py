@@ -208,7 +208,7 @@ def test_storage_formulas():
 # --- the command -------------------------------------------------------------------------------------
 
 def test_json_output(capsys):
-    result = memory.memory("SmolLM2-135M", seq_len=512, json=True)
+    result = memory.memory("SmolLM2-135M", seq_len=512, as_json=True)
     data = json.loads(capsys.readouterr().out)
     assert data == json.loads(json.dumps(result))
     assert data["units"] == "bytes"
@@ -237,8 +237,8 @@ def test_cli_table_and_flags(capsys):
 
 def test_model_folder_and_config_file(tmp_path, capsys):
     LlamaConfig(**TINY).save_pretrained(tmp_path)
-    by_folder = memory.memory(str(tmp_path), json=True)
-    by_file = memory.memory(str(tmp_path / "config.json"), json=True)
+    by_folder = memory.memory(str(tmp_path), as_json=True)
+    by_file = memory.memory(str(tmp_path / "config.json"), as_json=True)
     assert by_folder["params"]["total"] == by_file["params"]["total"] == TOTAL
 
 

@@ -16,7 +16,7 @@ SVD, Eckart–Young) and saves it as a LoRA adapter of the base model.
 from __future__ import annotations
 
 import io as io_bytes
-import json as jsonlib
+import json
 import math
 import os
 from dataclasses import asdict, dataclass
@@ -105,7 +105,7 @@ class ModelWeights:
         root = Path(folder)
         index, single = root / "model.safetensors.index.json", root / "model.safetensors"
         if index.is_file():
-            weight_map = jsonlib.loads(index.read_text())["weight_map"]
+            weight_map = json.loads(index.read_text())["weight_map"]
             self.files = {key: root / name for key, name in weight_map.items()}
         elif single.is_file():
             from safetensors import safe_open
@@ -160,7 +160,7 @@ def _module_type(key: str) -> str:
 
 
 def inspect_adapter(adapter: str, base: Optional[str] = None, top_k: int = 4, plot: Optional[str] = None,
-                    json: bool = False) -> dict[str, Any]:
+                    as_json: bool = False) -> dict[str, Any]:
     """Report an adapter's config, parameters, file size and the spectrum of every layer's update.
 
     Args:
@@ -168,7 +168,7 @@ def inspect_adapter(adapter: str, base: Optional[str] = None, top_k: int = 4, pl
         base: Base model folder (safetensors); adds ||ΔW||_F / ||W||_F per layer.
         top_k: Report the share of ||ΔW||_F² held by the top k singular directions.
         plot: Write a PNG of the singular values of every layer to this path.
-        json: Print the report as JSON instead of text.
+        as_json: Print the report as JSON instead of text.
 
     Returns:
         The report (what --json prints).
@@ -216,7 +216,7 @@ def inspect_adapter(adapter: str, base: Optional[str] = None, top_k: int = 4, pl
     if plot:
         plot_spectra(layers, plot, title=f"{adapter}: singular values of ΔW")
         report["plot"] = str(plot)
-    print(jsonlib.dumps(report, indent=2) if json else format_report(report))
+    print(json.dumps(report, indent=2) if as_json else format_report(report))
     return report
 
 
@@ -413,3 +413,6 @@ def format_extraction(r: int, targets: list[str], out: str, layers: list[dict], 
                      "targets), e.g.:")
         lines += [f"  {item['tensor']}  ||Δ||/||W|| = {item['relative_change']:.3g}" for item in not_represented[:5]]
     return "\n".join(lines)
+
+
+inspect_adapter.flag_names = {"as_json": "json"}  # the flag is --json

@@ -117,8 +117,17 @@ def _field_kwargs(annotation: Any) -> dict[str, Any]:
     return {"type": annotation} if annotation in (int, float, str) else {}
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, config_class: type, skip: tuple[str, ...] = ()) -> None:
-    """One `--flag` per field of a dataclass (its type and docstring give the flag's type and help)."""
+def add_config_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup, config_class: type, skip: tuple[str, ...] = (),
+                         defaults: dict[str, Any] | None = None, required: tuple[str, ...] = ()) -> None:
+    """One `--flag` per field of a dataclass (its type and docstring give the flag's type and help).
+
+    Args:
+        parser: Where the flags go.
+        config_class: The dataclass.
+        skip: Fields that get no flag.
+        defaults: Defaults over the dataclass's own.
+        required: Fields whose flag must be given.
+    """
     hints = typing.get_type_hints(config_class)
     _, helps = docstring_args(config_class)
     for field in dataclasses.fields(config_class):
@@ -126,10 +135,19 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_class: type, sk
             continue
         default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
         help_text = helps.get(field.name, "")
+        if field.name in (defaults or {}):  # the docstring's "Default ..." is the dataclass's own
+            default = defaults[field.name]
+            help_text = re.sub(r"\s*Default\b[^.]*\.?\s*$", "", help_text)
         if default not in (None, False, "", {}, []) and help_text:
             help_text += f" (default: {default})"
-        parser.add_argument("--" + field.name.replace("_", "-"), dest=field.name, default=default, help=help_text,
-                            **_field_kwargs(hints[field.name]))
+        kwargs = _field_kwargs(hints[field.name])
+        if typing.get_origin(_unwrap_optional(hints[field.name])) is Literal:
+            kwargs = {"choices": list(typing.get_args(_unwrap_optional(hints[field.name])))}
+        flag = "--" + field.name.replace("_", "-")
+        if field.name in required:
+            parser.add_argument(flag, dest=field.name, required=True, help=help_text, **kwargs)
+        else:
+            parser.add_argument(flag, dest=field.name, default=default, help=help_text, **kwargs)
 
 
 def add_arguments(parser: argparse.ArgumentParser, fn: Callable[..., Any], skip: tuple[str, ...] = ()) -> None:
@@ -137,14 +155,25 @@ def add_arguments(parser: argparse.ArgumentParser, fn: Callable[..., Any], skip:
 
     Positional-or-keyword parameters without a default become positional arguments;
     keyword-only ones (after `*`) without a default become required `--flags`. A function
-    with `**kwargs` and a `config_fields` attribute, (dataclass, excluded names), also gets one
-    flag per field of that dataclass (`add_config_arguments`) it does not take itself. A
-    function with `**kwargs` and an `extends` attribute (another command function) also gets
-    that function's flags, except its own and those named in `extends_exclude`.
+    with a `records` attribute (sections with `name`, `record` (a dataclass), `defaults`,
+    `skip` and `required`, as `train.recipe.SECTIONS`) takes its settings as those records: it
+    gets one flag per record field instead of one per parameter. A function with `**kwargs` and
+    an `extends` attribute (another command function) also gets that function's flags, except
+    its own and those named in `extends_exclude`. A `flag_names` attribute ({parameter: flag
+    name}) renames flags (e.g. the parameter `as_json` is the flag `--json`).
     """
+    records = getattr(fn, "records", None)
+    if records is not None:
+        for section in records:
+            group = parser.add_argument_group(f"{section.name} ({section.record.__name__})",
+                                              docstring_args(section.record)[0])
+            add_config_arguments(group, section.record, skip=skip + tuple(section.skip),
+                                 defaults=section.defaults, required=section.required)
+        return
     hints = typing.get_type_hints(fn)
     _, helps = docstring_args(fn)
     params = inspect.signature(fn).parameters
+    renamed = getattr(fn, "flag_names", {})
     for name, param in params.items():
         if name in skip or param.kind in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL):
             continue
@@ -167,15 +196,39 @@ def add_arguments(parser: argparse.ArgumentParser, fn: Callable[..., Any], skip:
         if required and param.kind is not inspect.Parameter.KEYWORD_ONLY:
             parser.add_argument(name, **kwargs)
         else:  # keyword-only parameters without a default become required flags
-            parser.add_argument("--" + name.replace("_", "-"), dest=name, required=required, **kwargs)
-    config_fields = getattr(fn, "config_fields", None)
-    if config_fields is not None:
-        config_class, excluded = config_fields
-        add_config_arguments(parser, config_class, skip=skip + tuple(params) + tuple(excluded))
+            flag = "--" + renamed.get(name, name).replace("_", "-")
+            parser.add_argument(flag, dest=name, required=required, **kwargs)
     base = getattr(fn, "extends", None)
     if base is not None:
         own = tuple(n for n in params if params[n].kind is not inspect.Parameter.VAR_KEYWORD)
         add_arguments(parser, base, skip=skip + own + tuple(getattr(fn, "extends_exclude", ())))
+
+
+def _record_sections(fn: Callable[..., Any]) -> set[str]:
+    """Names of the record sections a command's YAML file may use (its own and an extended command's)."""
+    names = {section.name for section in getattr(fn, "records", ())}
+    base = getattr(fn, "extends", None)
+    return names | (_record_sections(base) if base is not None else set())
+
+
+def flatten_sections(values: dict[str, Any], sections: set[str]) -> dict[str, Any]:
+    """A YAML mapping whose record sections (`lora: {r: 16}`) become flat flag names (`r: 16`).
+
+    A key naming a section with a mapping as its value is a section (so `model: ./folder`
+    stays the flat field `model`).
+
+    Raises:
+        ValueError: a name is set twice (flat and in a section, or in two sections).
+    """
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        items = value.items() if key in sections and isinstance(value, dict) else [(key, value)]
+        for name, item in items:
+            name = str(name).replace("-", "_")
+            if name in flat:
+                raise ValueError(f"{name!r} is set twice")
+            flat[name] = item
+    return flat
 
 
 def command_parser(name: str) -> argparse.ArgumentParser:
@@ -206,7 +259,10 @@ def parse(name: str, argv: list[str]) -> dict[str, Any]:
         if not isinstance(values, dict):
             parser.error(f"{first._config_file}: expected a mapping of flag names to values")
         known = {a.dest for a in parser._actions}
-        values = {k.replace("-", "_"): v for k, v in values.items()}
+        try:
+            values = flatten_sections(values, _record_sections(load_command(name)))
+        except ValueError as err:
+            parser.error(f"{first._config_file}: {err}")
         unknown = sorted(set(values) - known)
         if unknown:
             parser.error(f"{first._config_file}: unknown keys {unknown}")

@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json as jsonlib
+import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -108,10 +108,10 @@ def load_model_config(model: str):
         raise ValueError(f"MODEL {model!r} is neither a preset ({', '.join(PRESETS)}) "
                          "nor a model folder nor a config.json file")
     try:
-        data = jsonlib.loads(path.read_text())
+        data = json.loads(path.read_text())
         model_type = data.pop("model_type")
         config = AutoConfig.for_model(model_type, **data)
-    except (jsonlib.JSONDecodeError, UnicodeDecodeError) as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{path} is not valid JSON: {err}") from err
     except KeyError as err:
         raise ValueError(f"{path} has no 'model_type'") from err
@@ -510,7 +510,7 @@ def memory(model: str, r: int = 8, target_modules: Optional[list[str]] = None,
            dtype: Literal["fp32", "bf16", "fp16"] = "bf16", optimizer: Literal["adamw", "adamw8bit", "sgd"] = "adamw",
            batch_size: int = 1, seq_len: int = 2048, gradient_checkpointing: bool = False, double_quant: bool = True,
            attention: Literal["sdpa", "eager"] = "sdpa", lora_inputs: Literal["auto", "saved", "rebuilt"] = "auto",
-           json: bool = False) -> dict[str, Any]:
+           as_json: bool = False) -> dict[str, Any]:
     """Estimate the memory of training MODEL: full fine-tuning, LoRA and QLoRA side by side.
 
     Args:
@@ -528,7 +528,7 @@ def memory(model: str, r: int = 8, target_modules: Optional[list[str]] = None,
         attention: sdpa (flash / memory-efficient kernels: no seq x seq matrix) or eager.
         lora_inputs: Whether LoRA layers keep their input for backward: saved (plain autograd,
             PEFT), rebuilt (lorakit's LoRA Function), or auto (what this lorakit does).
-        json: Print the estimate as JSON (bytes) instead of a table.
+        as_json: Print the estimate as JSON (bytes) instead of a table.
 
     Returns:
         The estimate as a dict (what --json prints; sizes in bytes).
@@ -542,5 +542,8 @@ def memory(model: str, r: int = 8, target_modules: Optional[list[str]] = None,
     result = estimate(config, r=r, target_modules=target_modules, dtype=dtype, optimizer=optimizer,
                       batch_size=batch_size, seq_len=seq_len, gradient_checkpointing=gradient_checkpointing,
                       double_quant=double_quant, attention=attention, lora_inputs=lora_inputs, model_name=model)
-    print(jsonlib.dumps(result.to_dict(), indent=2) if json else format_table(result))
+    print(json.dumps(result.to_dict(), indent=2) if as_json else format_table(result))
     return result.to_dict()
+
+
+memory.flag_names = {"as_json": "json"}  # the flag is --json

@@ -183,3 +183,16 @@ def test_every_lora_setting_is_a_flag_and_a_yaml_key(setup, tmp_path):
     saved = json.loads((tmp_path / "yaml" / "adapter" / "adapter_config.json").read_text())
     assert (saved["lora_bias"], saved["init_lora_weights"], saved["modules_to_save"]) == (True, False, ["lm_head"])
     assert cli.main(["train", *common, "--out", str(tmp_path / "bad"), "--use-dora", "--lora-bias"]) == 1  # refused
+
+
+def test_records_and_flat_flags_train_the_same_adapter(setup, tmp_path):
+    from lorakit.train.recipe import DataSettings, ModelSettings, OptimSettings, RunSettings, lora_config
+
+    model, data = setup
+    run(setup, tmp_path / "flat", max_steps=3)
+    train(model=ModelSettings(model=str(model)),
+          lora=lora_config(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0),
+          data=DataSettings(data=str(data), val_fraction=0.1), optim=OptimSettings(batch_size=4, lr=3e-2, max_steps=3),
+          run=RunSettings(out=str(tmp_path / "records"), quiet=True))
+    flat, records = adapter_tensors(tmp_path / "flat"), adapter_tensors(tmp_path / "records")
+    assert flat.keys() == records.keys() and all(torch.equal(flat[k], records[k]) for k in flat)

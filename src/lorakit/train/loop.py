@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -38,6 +38,7 @@ from ..files import atomic_write
 from ..config import LoraConfig
 from ..peft_model import PeftModel, get_peft_model
 from . import data as data_mod
+from .recipe import SECTIONS, DataSettings, ModelSettings, OptimSettings, Recipe, RunSettings
 
 CHECKPOINTS = "checkpoints"
 STATE_NAME = "trainer_state.pt"
@@ -178,163 +179,80 @@ def evaluate(model, examples: list[dict], batch_size: int, pad_id: int, ctx: Dis
 # --- the command --------------------------------------------------------------------------------
 
 def train(
-    *,
-    data: str,
-    out: str = "runs/lorakit",
-    model: str | None = None,
-    val_data: str | None = None,
-    val_fraction: float = 0.05,
-    r: int = 8,
-    lora_alpha: float = 16,
-    target_modules: list[str] | None = None,
-    lora_dropout: float = 0.05,
-    use_rslora: bool = False,
-    epochs: int = 1,
-    max_steps: int = 0,
-    batch_size: int = 8,
-    grad_accum: int = 1,
-    lr: float = 2e-4,
-    loraplus_ratio: float = 0.0,
-    warmup_steps: int = 0,
-    weight_decay: float = 0.0,
-    max_seq_len: int = 512,
-    grad_clip: float = 1.0,
-    gradient_checkpointing: bool = False,
-    precision: Literal["fp32", "bf16"] = "fp32",
-    quantize: Literal["none", "nf4"] = "none",
-    double_quant: bool = False,
-    seed: int = 0,
-    log_every: int = 1,
-    eval_every: int = 0,
-    save_every: int = 0,
-    resume: bool = False,
-    quiet: bool = False,
-    **lora_options: Any,
+    model: ModelSettings | str | None = None,
+    lora: LoraConfig | None = None,
+    data: DataSettings | str | None = None,
+    optim: OptimSettings | None = None,
+    run: RunSettings | None = None,
+    **flags: Any,
 ) -> dict[str, Any]:
     """Fine-tune a LoRA adapter on a JSON Lines file and save it.
 
+    Takes the five records of a `Recipe` (each defaulting to its record's defaults), and any
+    field of them by its flat name, which overrides the records: `train(data="my.jsonl", r=16)`
+    is `train(data=DataSettings(data="my.jsonl"), lora=lora_config(r=16))`. Every field is a
+    `lorakit train` flag (see `lorakit train --help` and `train.recipe`).
+
     Args:
-        data: Training data: a JSON Lines file of Alpaca ({instruction, input, output}), chat
-            ({messages}) or plain ({text}) records.
-        out: Run directory: adapter/, checkpoints/, metrics.jsonl, run_config.yaml.
-        model: A local Hugging Face model folder; the embedded SmolLM2-135M-Instruct when omitted.
-        val_data: Validation file; otherwise --val-fraction of the training data is held out.
-        val_fraction: Share of the training data held out for validation when --val-data is not given.
-        r: LoRA rank.
-        lora_alpha: LoRA alpha (the update is scaled by alpha / r).
-        target_modules: Comma-separated module names, or all-linear; the architecture's default when omitted.
-        lora_dropout: Dropout on the LoRA path.
-        use_rslora: Scale by alpha / sqrt(r).
-        epochs: Passes over the training data (ignored when --max-steps is set).
-        max_steps: Optimizer steps to run; 0 means epochs * steps per epoch.
-        batch_size: Examples per micro-batch per process.
-        grad_accum: Micro-batches per optimizer step.
-        lr: Peak learning rate.
-        loraplus_ratio: LoRA+: lora_B (and lora_embedding_B) train with lr times this ratio (e.g. 16); 0 is off.
-        warmup_steps: Steps of linear warm-up before cosine decay to 0.
-        weight_decay: AdamW weight decay.
-        max_seq_len: Longer examples are truncated to this many tokens.
-        grad_clip: Clip the gradient norm to this value; 0 disables.
-        gradient_checkpointing: Recompute activations in backward to save memory (sets use_cache=False).
-        precision: fp32, or bf16 autocast.
-        quantize: nf4 stores every Linear except the output head in 4 bits (QLoRA).
-        double_quant: With --quantize nf4, also quantize the 4-bit scales (about 0.37 bit/weight less).
-        seed: Seed for data order, initialisation and dropout.
-        log_every: Write a metrics line every N steps.
-        eval_every: Validation loss every N steps (0: only at the end).
-        save_every: Checkpoint every N steps (0: no intermediate checkpoints).
-        resume: Continue from the newest checkpoint in --out.
-        quiet: No progress bar.
-        **lora_options: Any other `LoraConfig` field: use_dora, init_lora_weights, lora_bias, bias,
-            layers_to_transform, layers_pattern, rank_pattern, alpha_pattern, modules_to_save,
-            exclude_modules (on the command line each is a flag, e.g. --use-dora, --rank-pattern
-            q_proj=16, --init-lora-weights gaussian; in the YAML file a key).
+        model: The base model record, or a model folder (the `model` field).
+        lora: The adapter's LoraConfig (`recipe.lora_config` gives the trainer's defaults).
+        data: The data record, or the training file (the `data` field).
+        optim: Steps, batches and optimizer settings.
+        run: Output folder, logging, checkpoints, seed.
+        **flags: Fields of any record, by name (r, lr, max_steps, out, use_dora, ...).
 
     Returns:
         A summary: steps, final train and validation loss, seconds, adapter path.
+
+    Raises:
+        TypeError: a flag no record has.
+        lorakit.ConfigError: a LoRA field has a bad value (before the model loads).
     """
-    settings = {k: v for k, v in locals().items() if k != "lora_options"} | lora_options
+    recipe = resolve_recipe(model, lora, data, optim, run, flags)
+    if not recipe.data.data:
+        raise ValueError("no training data: give --data FILE")
     ctx = Dist.setup()
-    out_dir = Path(out)
+    out_dir = Path(recipe.run.out)
+    seed = recipe.run.seed
     random.seed(seed)
     torch.manual_seed(seed)
 
-    from ..hub import load_model_and_tokenizer
-
-    base, tokenizer = load_model_and_tokenizer(model)
-    train_raw, val_raw = data_mod.load_splits(data, val_path=val_data, val_fraction=0.0 if val_data else val_fraction,
-                                              seed=seed)
-    train_set = data_mod.tokenize_examples(train_raw, tokenizer, max_seq_len)
-    val_set = data_mod.tokenize_examples(val_raw, tokenizer, max_seq_len) if val_raw else []
-    targets: list[str] | str | None = target_modules
-    if targets and len(targets) == 1 and targets[0] in ("all-linear",):
-        targets = targets[0]
-    config = LoraConfig(r=r, lora_alpha=lora_alpha, target_modules=targets, lora_dropout=lora_dropout,
-                        use_rslora=use_rslora, task_type="CAUSAL_LM", **lora_options)
-    peft_model = get_peft_model(base, config, quantize=None if quantize == "none" else quantize,
-                                double_quant=double_quant)
-    if gradient_checkpointing:
-        enable_gradient_checkpointing(base)
-    peft_model.train()
-
-    global_batch = batch_size * ctx.world * grad_accum
-    steps_per_epoch = max(1, len(train_set) // global_batch)
-    total_steps = max_steps or epochs * steps_per_epoch
+    peft_model, tokenizer = build_model(recipe)
+    train_set, val_set = load_data(recipe.data, tokenizer, seed)
+    optim = recipe.optim
+    global_batch = optim.batch_size * ctx.world * optim.grad_accum
+    total_steps = optim.max_steps or optim.epochs * max(1, len(train_set) // global_batch)
     params = [p for p in peft_model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(param_groups(peft_model, lr, loraplus_ratio), lr=lr, weight_decay=weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(warmup_steps, total_steps))
-    net = peft_model
-    if ctx.world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(peft_model)
+    optimizer = torch.optim.AdamW(param_groups(peft_model, optim.lr, optim.loraplus_ratio), lr=optim.lr,
+                                  weight_decay=optim.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(optim.warmup_steps, total_steps))
+    net = torch.nn.parallel.DistributedDataParallel(peft_model) if ctx.world > 1 else peft_model
 
-    start = 0
-    if resume and (ckpt := latest_checkpoint(out_dir)) is not None:
-        _, tensors = adapter_format.read_adapter(ckpt)
-        adapter_format.load_weights(peft_model.base_model, "default", tensors, source=str(ckpt))
-        state = torch.load(ckpt / STATE_NAME, weights_only=False)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
-        start = state["step"]
+    ckpt = latest_checkpoint(out_dir) if recipe.run.resume else None
+    start = resume_from(ckpt, peft_model, optimizer, scheduler) if ckpt is not None else 0
     if ctx.main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        resolved = settings | {"target_modules": config.target_modules, "world_size": ctx.world,
-                               "global_batch": global_batch, "total_steps": total_steps,
-                               "train_examples": len(train_set), "val_examples": len(val_set)}
-        import yaml
-
-        atomic_write(out_dir / "run_config.yaml", yaml.safe_dump(resolved, sort_keys=False).encode())
-        if not quiet:
+        write_run_config(out_dir, recipe, world_size=ctx.world, global_batch=global_batch, total_steps=total_steps,
+                         train_examples=len(train_set), val_examples=len(val_set))
+        if not recipe.run.quiet:
             peft_model.print_trainable_parameters()
     metrics = open(out_dir / "metrics.jsonl", "a") if ctx.main else None
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if recipe.model.precision == "bf16" else nullcontext()
     pad_id = data_mod.pad_token_id(tokenizer)
+    run = recipe.run
 
     from tqdm import tqdm
 
-    bar = tqdm(total=total_steps, initial=start, disable=quiet or not ctx.main, unit="step", dynamic_ncols=True)
+    bar = tqdm(total=total_steps, initial=start, disable=run.quiet or not ctx.main, unit="step", dynamic_ncols=True)
     t0, tokens_seen, last_loss, val_loss = time.perf_counter(), 0, float("nan"), None
     val_losses: list[float] = []
     eval_seconds = 0.0
     for step, indices in enumerate(global_batches(len(train_set), global_batch, seed, start, total_steps), start):
         mine = indices[ctx.rank::ctx.world]  # this rank's share, split into micro-batches
-        micro = [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
+        micro = [mine[i:i + optim.batch_size] for i in range(0, len(mine), optim.batch_size)]
         batches = [data_mod.collate([train_set[j] for j in m], pad_id) for m in micro]
-        local_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
-        global_tokens = ctx.sum(local_tokens)
-        loss_total = 0.0
-        for k, batch in enumerate(batches):
-            sync = k == len(batches) - 1 or ctx.world == 1
-            with (nullcontext() if sync else net.no_sync()):
-                loss_sum, _ = token_loss_sum(net, batch, autocast)
-                # DDP averages gradients over ranks: scale by world so the result is sum / global tokens
-                (loss_sum * ctx.world / global_tokens).backward()
-            loss_total += float(loss_sum.detach())
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip) if grad_clip > 0 else None
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        last_loss = ctx.sum(loss_total) / global_tokens
+        last_loss, grad_norm = optimizer_step(net, batches, ctx, autocast, params, optimizer, scheduler,
+                                              optim.grad_clip)
         tokens_seen += int(ctx.sum(sum(int(b["attention_mask"].sum()) for b in batches)))
         done = step + 1
         elapsed = time.perf_counter() - t0
@@ -342,25 +260,25 @@ def train(
             bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}",
                             tok_s=f"{tokens_seen / elapsed:.0f}")
             bar.update(1)
-            if done % log_every == 0 or done == total_steps:
+            if done % run.log_every == 0 or done == total_steps:
                 record = {"step": done, "loss": last_loss, "lr": scheduler.get_last_lr()[0],
                           "tokens": tokens_seen, "tokens_per_s": tokens_seen / elapsed, "elapsed_s": elapsed}
                 if grad_norm is not None:
                     record["grad_norm"] = float(grad_norm)
                 metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
-        if eval_every and done % eval_every == 0 and done != total_steps and val_set:
+        if run.eval_every and done % run.eval_every == 0 and done != total_steps and val_set:
             t_eval = time.perf_counter()
-            val_loss = evaluate(peft_model, val_set, batch_size, pad_id, ctx, autocast)
+            val_loss = evaluate(peft_model, val_set, optim.batch_size, pad_id, ctx, autocast)
             eval_seconds += time.perf_counter() - t_eval
             val_losses.append(val_loss)
             _log_eval(metrics, bar, done, val_loss)
-        if save_every and done % save_every == 0 and ctx.main:
+        if run.save_every and done % run.save_every == 0 and ctx.main:
             save_checkpoint(out_dir, done, peft_model, optimizer, scheduler)
     bar.close()
     train_seconds = time.perf_counter() - t0 - eval_seconds
     if val_set:
-        val_loss = evaluate(peft_model, val_set, batch_size, pad_id, ctx, autocast)
+        val_loss = evaluate(peft_model, val_set, optim.batch_size, pad_id, ctx, autocast)
         val_losses.append(val_loss)
         _log_eval(metrics, None, total_steps, val_loss)
     adapter_path = out_dir / "adapter"
@@ -374,9 +292,92 @@ def train(
                "best_val_loss": min(val_losses) if val_losses else None, "trainable_params": trainable,
                "seconds_per_step": train_seconds / max(1, total_steps - start),
                "seconds": time.perf_counter() - t0, "adapter": str(adapter_path)}
-    if ctx.main and not quiet:
+    if ctx.main and not run.quiet:
         print(json.dumps(summary))
     return summary
+
+
+def resolve_recipe(model, lora, data, optim, run, flags: dict[str, Any]) -> Recipe:
+    """The run's records: those given, a string `model`/`data` as that field, `flags` over them.
+
+    Raises:
+        TypeError: a flag no record has.
+    """
+    if isinstance(model, str):
+        flags = {"model": model} | flags
+        model = None
+    if isinstance(data, str):
+        flags = {"data": data} | flags
+        data = None
+    given = {name: record for name, record in
+             dict(model=model, lora=lora, data=data, optim=optim, run=run).items() if record is not None}
+    recipe = Recipe(**given)
+    return recipe.replace(**flags) if flags else recipe
+
+
+def build_model(recipe: Recipe) -> tuple[PeftModel, Any]:
+    """The base model (loaded, quantized if asked) with the recipe's adapter, in train mode."""
+    from ..hub import load_model_and_tokenizer
+
+    settings = recipe.model
+    base, tokenizer = load_model_and_tokenizer(settings.model)
+    quantize = None if settings.quantize == "none" else settings.quantize
+    peft_model = get_peft_model(base, recipe.lora, quantize=quantize, double_quant=settings.double_quant)
+    if settings.gradient_checkpointing:
+        enable_gradient_checkpointing(base)
+    peft_model.train()
+    return peft_model, tokenizer
+
+
+def load_data(settings: DataSettings, tokenizer, seed: int) -> tuple[list[dict], list[dict]]:
+    """The tokenized training and validation examples."""
+    train_raw, val_raw = data_mod.load_splits(settings.data, val_path=settings.val_data,
+                                              val_fraction=0.0 if settings.val_data else settings.val_fraction,
+                                              seed=seed)
+    train_set = data_mod.tokenize_examples(train_raw, tokenizer, settings.max_seq_len)
+    val_set = data_mod.tokenize_examples(val_raw, tokenizer, settings.max_seq_len) if val_raw else []
+    return train_set, val_set
+
+
+def optimizer_step(net, batches: list[dict[str, torch.Tensor]], ctx: Dist, autocast, params, optimizer, scheduler,
+                   grad_clip: float) -> tuple[float, torch.Tensor | None]:
+    """One optimizer step over this rank's micro-batches: (mean loss per response token over the
+    global batch, the gradient norm before clipping or None)."""
+    local_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+    global_tokens = ctx.sum(local_tokens)
+    loss_total = 0.0
+    for k, batch in enumerate(batches):
+        sync = k == len(batches) - 1 or ctx.world == 1
+        with (nullcontext() if sync else net.no_sync()):
+            loss_sum, _ = token_loss_sum(net, batch, autocast)
+            # DDP averages gradients over ranks: scale by world so the result is sum / global tokens
+            (loss_sum * ctx.world / global_tokens).backward()
+        loss_total += float(loss_sum.detach())
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip) if grad_clip > 0 else None
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return ctx.sum(loss_total) / global_tokens, grad_norm
+
+
+def resume_from(ckpt: Path, peft_model: PeftModel, optimizer, scheduler) -> int:
+    """Load a checkpoint's adapter, optimizer, scheduler and RNG state; the step it was taken at."""
+    _, tensors = adapter_format.read_adapter(ckpt)
+    adapter_format.load_weights(peft_model.base_model, "default", tensors, source=str(ckpt))
+    state = torch.load(ckpt / STATE_NAME, weights_only=False)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"])
+    return state["step"]
+
+
+def write_run_config(out_dir: Path, recipe: Recipe, **resolved: Any) -> None:
+    """run_config.yaml: every setting by its flag name, and what the run resolved (world size, steps)."""
+    import yaml
+
+    settings = recipe.to_flags()
+    settings["target_modules"] = recipe.lora.target_modules
+    atomic_write(out_dir / "run_config.yaml", yaml.safe_dump(settings | resolved, sort_keys=False).encode())
 
 
 def _log_eval(metrics, bar, step: int, val_loss: float) -> None:
@@ -388,6 +389,4 @@ def _log_eval(metrics, bar, step: int, val_loss: float) -> None:
         bar.write(f"step {step}: val_loss {val_loss:.4f}")
 
 
-# The CLI and the YAML file reach every other LoraConfig field through **lora_options.
-train.config_fields = (LoraConfig, ("task_type", "peft_type", "base_model_name_or_path", "inference_mode",
-                                    "fan_in_fan_out"))
+train.records = SECTIONS  # the CLI gives one flag per field of each record
