@@ -105,7 +105,7 @@ def test_bad_arguments(base_dir, tmp_path):
         inspect_adapter(str(tmp_path / "adapter"), top_k=0)
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
         inspect_adapter(str(tmp_path / "adapter"), base=str(tmp_path))
-    assert main(["inspect", str(tmp_path / "missing")]) == 1
+    assert main(["inspect", str(tmp_path / "missing")]) == 2
 
 
 # --- extract ----------------------------------------------------------------------------------------

@@ -256,10 +256,10 @@ def test_bad_model_argument(tmp_path, argument, message):
 
 
 def test_bad_arguments_on_the_command_line(capsys):
-    assert main(["memory", "no-such-model"]) == 1
+    assert main(["memory", "no-such-model"]) == 2
     err = capsys.readouterr().err
     assert "lorakit memory: error" in err and "Llama-2-7B" in err
-    assert main(["memory", "SmolLM2-135M", "--target-modules", "nothing_here"]) == 1
+    assert main(["memory", "SmolLM2-135M", "--target-modules", "nothing_here"]) == 2
     assert "matched no module" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["memory", "SmolLM2-135M", "--dtype", "int3"])

@@ -298,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
         if "LORAKIT_DEBUG" in os.environ:
             raise
         print(f"lorakit {name}: error: {err}", file=sys.stderr)
-        return 1
+        return 2  # a usage error, as argparse exits
     return result if isinstance(result, int) else 0
 
 

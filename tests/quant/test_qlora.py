@@ -334,8 +334,8 @@ def test_merge_command_writes_a_plain_hf_folder(tmp_path, ids):
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     torch.testing.assert_close(logits(merged, ids), expected, rtol=1e-5, atol=1e-5)
     assert AutoTokenizer.from_pretrained(tmp_path / "merged")("w3 w5").input_ids == [3, 5]
-    assert cli_main(["merge", str(tmp_path / "adapter"), str(tmp_path / "merged")]) == 1  # exists
-    assert cli_main(["merge", str(tmp_path / "adapter"), str(tmp_path / "adapter")]) == 1  # its own input
+    assert cli_main(["merge", str(tmp_path / "adapter"), str(tmp_path / "merged")]) == 2  # exists
+    assert cli_main(["merge", str(tmp_path / "adapter"), str(tmp_path / "adapter")]) == 2  # its own input
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "base", "merged"]
 
 

@@ -152,7 +152,7 @@ def test_cli_names_the_malformed_line(setup, tmp_path):
     bad.write_text('{"instruction": "copy : a", "output": "a"}\n{"instruction": "copy : b", "output": 3}\n')
     result = subprocess.run([sys.executable, "-m", "lorakit.cli", "train", "--data", str(bad), "--model", str(model),
                              "--out", str(tmp_path / "out"), "--quiet"], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert "bad.jsonl" in result.stderr and "line 2" in result.stderr and "output" in result.stderr
     assert "Traceback" not in result.stderr
 
@@ -182,7 +182,7 @@ def test_every_lora_setting_is_a_flag_and_a_yaml_key(setup, tmp_path):
     assert cli.main(["train", *common, "--out", str(tmp_path / "yaml"), "--config", str(config)]) == 0
     saved = json.loads((tmp_path / "yaml" / "adapter" / "adapter_config.json").read_text())
     assert (saved["lora_bias"], saved["init_lora_weights"], saved["modules_to_save"]) == (True, False, ["lm_head"])
-    assert cli.main(["train", *common, "--out", str(tmp_path / "bad"), "--use-dora", "--lora-bias"]) == 1  # refused
+    assert cli.main(["train", *common, "--out", str(tmp_path / "bad"), "--use-dora", "--lora-bias"]) == 2  # refused
 
 
 def test_records_and_flat_flags_train_the_same_adapter(setup, tmp_path):

@@ -9,7 +9,7 @@ memory estimate consult.
 """
 
 from lorakit.quant import registry
-from lorakit.quant.linear4bit import DEFAULT_DEQUANT_CHUNK_NUMEL, Linear4bit, quantize_model
+from lorakit.quant.linear4bit import DEFAULT_DEQUANT_CHUNK_NUMEL, Linear4bit, make_parameters_shardable, quantize_model
 from lorakit.quant.lora import (
     Linear4bitLora,
     QuantizedMergeError,
@@ -39,6 +39,7 @@ registry.register(Quantizer(
     merge_and_unload=merge_and_dequantize,
     weight_bytes=lambda numel, double_quant: nf4_nbytes(numel, double_quant=double_quant),
     logical_numel=lambda layer: layer.quantized_numel,
+    shardable=make_parameters_shardable,
 ))
 
 __all__ = [

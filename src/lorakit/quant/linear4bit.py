@@ -250,14 +250,17 @@ class Linear4bit(nn.Module):
         return out.to(x.dtype)
 
     def _apply(self, fn, recurse=True):
-        # Let .to()/.cuda()/.half() move the quantized buffers but never cast
-        # them: re-place the originals on the new device with their own dtype.
-        originals = {name: self._buffers[name] for name in _QUANT_BUFFERS if name in self._buffers}
+        # Let .to()/.cuda()/.half() move the quantized tensors but never cast
+        # them: re-place the originals on the new device with their own dtype
+        # (buffers, or frozen parameters after `make_parameters_shardable`).
+        originals = {name: (store, store[name]) for store in (self._buffers, self._parameters)
+                     for name in _QUANT_BUFFERS if store.get(name) is not None}
         super()._apply(fn, recurse)
-        for name, original in originals.items():
-            moved = self._buffers[name]
+        for name, (store, original) in originals.items():
+            moved = store[name]
             if moved.dtype != original.dtype:
-                self._buffers[name] = original.to(moved.device)
+                data = original.detach().to(moved.device)
+                store[name] = nn.Parameter(data, requires_grad=False) if store is self._parameters else data
         return self
 
     def extra_repr(self) -> str:
@@ -314,3 +317,14 @@ def quantize_model(
         setattr(parent, child_name, Linear4bit.from_linear(linear, blocksize, double_quant, compute_dtype))
         del linear
     return model
+
+
+def make_parameters_shardable(layer: Linear4bit) -> None:
+    """Re-register the layer's packed weight and its (non-scalar) scales as frozen parameters,
+    so that FSDP2, which shards parameters only, splits them across ranks (FSDP-QLoRA). The
+    values and state keys are unchanged."""
+    for name in ("weight", "weight_absmax", "weight_absmax_scale"):
+        tensor = getattr(layer, name, None)
+        if isinstance(tensor, torch.Tensor) and not isinstance(tensor, nn.Parameter) and tensor.dim() > 0:
+            delattr(layer, name)
+            layer.register_parameter(name, nn.Parameter(tensor, requires_grad=False))

@@ -36,6 +36,9 @@ class Quantizer:
         weight_bytes: (numel, double_quant) -> bytes of one stored weight, scales included.
         logical_numel: Parameters a quantized layer stands for (its float weight's numel), which
             parameter counts add since the packed storage is not a parameter.
+        shardable: (layer) -> None: turn the layer's packed storage and scales into frozen
+            parameters, so that FSDP shards them across ranks (it shards parameters only).
+            Parameter counts taken afterwards include those bytes as parameters.
     """
 
     name: str
@@ -45,6 +48,7 @@ class Quantizer:
     merge_and_unload: Callable[..., nn.Module]
     weight_bytes: Callable[[int, bool], float]
     logical_numel: Callable[[nn.Module], int]
+    shardable: Callable[[nn.Module], None] | None = None
 
 
 QUANTIZERS: dict[str, Quantizer] = {}
@@ -79,3 +83,18 @@ def model_quantizer(model: nn.Module) -> Quantizer | None:
 def layer_types() -> tuple[type[nn.Module], ...]:
     """Every registered quantized layer type."""
     return tuple(q.layer_type for q in QUANTIZERS.values())
+
+
+def make_shardable(model: nn.Module) -> None:
+    """Prepare every quantized layer of `model` for FSDP (its format's `shardable`).
+
+    Raises:
+        ValueError: a quantized layer's format cannot be sharded.
+    """
+    for module in model.modules():
+        quantizer = quantizer_of(module)
+        if quantizer is None:
+            continue
+        if quantizer.shardable is None:
+            raise ValueError(f"the {quantizer.name} format cannot be sharded with FSDP; use --strategy ddp")
+        quantizer.shardable(module)

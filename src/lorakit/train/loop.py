@@ -25,53 +25,22 @@ import random
 import shutil
 import time
 from collections.abc import Iterator
-from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
-from .. import adapter_format
+from .. import adapter_format, devices
 from ..files import atomic_write
 from ..config import LoraConfig
 from ..peft_model import PeftModel, get_peft_model
 from . import data as data_mod
+from .distributed import (Dist, adapter_state, load_optimizer_state, local_base_bytes, no_sync,
+                          optimizer_state, shard)
 from .recipe import SECTIONS, DataSettings, ModelSettings, OptimSettings, Recipe, RunSettings
 
 CHECKPOINTS = "checkpoints"
 STATE_NAME = "trainer_state.pt"
-
-
-# --- distributed --------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Dist:
-    """This process's place in the job (rank 0 of 1 without torchrun)."""
-
-    rank: int = 0
-    world: int = 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    @classmethod
-    def setup(cls) -> Dist:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        if world == 1:
-            return cls()
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        return cls(dist.get_rank(), world)
-
-    def sum(self, value: float) -> float:
-        if self.world == 1:
-            return value
-        t = torch.tensor([value], dtype=torch.float64)
-        dist.all_reduce(t)
-        return float(t.item())
 
 
 def enable_gradient_checkpointing(model) -> None:
@@ -119,22 +88,33 @@ def global_batches(n_examples: int, global_batch: int, seed: int, start_step: in
 # --- checkpoints --------------------------------------------------------------------------------
 
 def rng_state() -> dict[str, Any]:
-    return {"python": random.getstate(), "torch": torch.get_rng_state()}
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(out: Path, step: int, peft_model: PeftModel, optimizer, scheduler, keep: int = 2) -> Path:
-    """Write adapter + trainer state into a temporary folder, then rename it into place."""
+def save_checkpoint(out: Path, step: int, peft_model: PeftModel, optimizer, scheduler, ctx: Dist,
+                    keep: int = 2) -> Path:
+    """Write adapter + trainer state into a temporary folder, then rename it into place (rank 0;
+    every rank calls this, since gathering FSDP shards is collective)."""
+    adapter = adapter_state(peft_model)
+    optim_state = optimizer_state(peft_model, optimizer)
     root = out / CHECKPOINTS
     final = root / f"step-{step:07d}"
+    if not ctx.main:
+        return final
     tmp = root / f".tmp-step-{step:07d}"
     shutil.rmtree(tmp, ignore_errors=True)
-    peft_model.save_pretrained(str(tmp))
-    state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()}
+    peft_model.save_pretrained(str(tmp), state_dict=adapter)
+    state = {"step": step, "optimizer": optim_state, "scheduler": scheduler.state_dict(), "rng": rng_state()}
     torch.save(state, tmp / STATE_NAME)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
@@ -152,6 +132,8 @@ def latest_checkpoint(out: Path) -> Path | None:
 
 def token_loss_sum(model, batch: dict[str, torch.Tensor], autocast) -> tuple[torch.Tensor, int]:
     """(sum of next-token cross-entropy over labelled positions, number of those positions)."""
+    device = next(model.parameters()).device
+    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
     with autocast:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     labels = batch["labels"][:, 1:]  # (B, T-1): position t predicts token t+1
@@ -163,14 +145,19 @@ def token_loss_sum(model, batch: dict[str, torch.Tensor], autocast) -> tuple[tor
 
 @torch.no_grad()
 def evaluate(model, examples: list[dict], batch_size: int, pad_id: int, ctx: Dist, autocast) -> float:
-    """Mean validation loss per response token, over all ranks' shards."""
+    """Mean validation loss per response token, over all ranks' shards. Every rank runs the
+    same number of forwards (FSDP's gathers are collective): a rank whose shard is shorter runs
+    its last batch again and does not count it."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     shard = examples[ctx.rank::ctx.world]
-    for i in range(0, len(shard), batch_size):
-        loss, n = token_loss_sum(model, data_mod.collate(shard[i:i + batch_size], pad_id), autocast)
-        total, count = total + float(loss), count + n
+    per_rank = -(-len(examples) // ctx.world)  # the longest shard
+    for i in range(0, per_rank, batch_size):
+        part = shard[i:i + batch_size]
+        loss, n = token_loss_sum(model, data_mod.collate(part or shard[-batch_size:] or examples[:1], pad_id), autocast)
+        if part:
+            total, count = total + float(loss), count + n
     model.train(was_training)
     total, count = ctx.sum(total), ctx.sum(count)
     return total / max(count, 1)
@@ -211,14 +198,21 @@ def train(
     recipe = resolve_recipe(model, lora, data, optim, run, flags)
     if not recipe.data.data:
         raise ValueError("no training data: give --data FILE")
-    ctx = Dist.setup()
+    ctx = Dist.setup(recipe.model.device)
     out_dir = Path(recipe.run.out)
     seed = recipe.run.seed
     random.seed(seed)
     torch.manual_seed(seed)
 
-    peft_model, tokenizer = build_model(recipe)
+    peft_model, tokenizer = build_model(recipe, ctx.device)
     train_set, val_set = load_data(recipe.data, tokenizer, seed)
+    ckpt = latest_checkpoint(out_dir) if recipe.run.resume else None
+    if ckpt is not None:  # the adapter's weights before sharding, the rest once the optimizer exists
+        _, tensors = adapter_format.read_adapter(ckpt)
+        adapter_format.load_weights(peft_model.base_model, "default", tensors, source=str(ckpt))
+    if ctx.main and not recipe.run.quiet:
+        peft_model.print_trainable_parameters()
+    net = shard(peft_model, recipe.model.strategy, ctx, recipe.model.precision)
     optim = recipe.optim
     global_batch = optim.batch_size * ctx.world * optim.grad_accum
     total_steps = optim.max_steps or optim.epochs * max(1, len(train_set) // global_batch)
@@ -226,18 +220,15 @@ def train(
     optimizer = torch.optim.AdamW(param_groups(peft_model, optim.lr, optim.loraplus_ratio), lr=optim.lr,
                                   weight_decay=optim.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(optim.warmup_steps, total_steps))
-    net = torch.nn.parallel.DistributedDataParallel(peft_model) if ctx.world > 1 else peft_model
-
-    ckpt = latest_checkpoint(out_dir) if recipe.run.resume else None
     start = resume_from(ckpt, peft_model, optimizer, scheduler) if ckpt is not None else 0
+    base_bytes = ctx.gather(local_base_bytes(peft_model))
     if ctx.main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        write_run_config(out_dir, recipe, world_size=ctx.world, global_batch=global_batch, total_steps=total_steps,
-                         train_examples=len(train_set), val_examples=len(val_set))
-        if not recipe.run.quiet:
-            peft_model.print_trainable_parameters()
+        write_run_config(out_dir, recipe, device=str(ctx.device), world_size=ctx.world, global_batch=global_batch,
+                         total_steps=total_steps, train_examples=len(train_set), val_examples=len(val_set),
+                         base_bytes_per_rank=[int(b) for b in base_bytes])
     metrics = open(out_dir / "metrics.jsonl", "a") if ctx.main else None
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if recipe.model.precision == "bf16" else nullcontext()
+    autocast = devices.autocast(ctx.device, recipe.model.precision)
     pad_id = data_mod.pad_token_id(tokenizer)
     run = recipe.run
 
@@ -251,7 +242,7 @@ def train(
         mine = indices[ctx.rank::ctx.world]  # this rank's share, split into micro-batches
         micro = [mine[i:i + optim.batch_size] for i in range(0, len(mine), optim.batch_size)]
         batches = [data_mod.collate([train_set[j] for j in m], pad_id) for m in micro]
-        last_loss, grad_norm = optimizer_step(net, batches, ctx, autocast, params, optimizer, scheduler,
+        last_loss, grad_norm = optimizer_step(net, peft_model, batches, ctx, autocast, params, optimizer, scheduler,
                                               optim.grad_clip)
         tokens_seen += int(ctx.sum(sum(int(b["attention_mask"].sum()) for b in batches)))
         done = step + 1
@@ -273,8 +264,8 @@ def train(
             eval_seconds += time.perf_counter() - t_eval
             val_losses.append(val_loss)
             _log_eval(metrics, bar, done, val_loss)
-        if run.save_every and done % run.save_every == 0 and ctx.main:
-            save_checkpoint(out_dir, done, peft_model, optimizer, scheduler)
+        if run.save_every and done % run.save_every == 0:
+            save_checkpoint(out_dir, done, peft_model, optimizer, scheduler, ctx)
     bar.close()
     train_seconds = time.perf_counter() - t0 - eval_seconds
     if val_set:
@@ -282,11 +273,11 @@ def train(
         val_losses.append(val_loss)
         _log_eval(metrics, None, total_steps, val_loss)
     adapter_path = out_dir / "adapter"
+    final_state = adapter_state(peft_model)  # (collective under FSDP)
     if ctx.main:
-        peft_model.save_pretrained(str(adapter_path))
+        peft_model.save_pretrained(str(adapter_path), state_dict=final_state)
         metrics.close()
-    if ctx.world > 1:
-        dist.barrier()
+    ctx.close()
     trainable, _ = peft_model.get_nb_trainable_parameters()
     summary = {"steps": total_steps, "train_loss": last_loss, "val_loss": val_loss,
                "best_val_loss": min(val_losses) if val_losses else None, "trainable_params": trainable,
@@ -315,16 +306,18 @@ def resolve_recipe(model, lora, data, optim, run, flags: dict[str, Any]) -> Reci
     return recipe.replace(**flags) if flags else recipe
 
 
-def build_model(recipe: Recipe) -> tuple[PeftModel, Any]:
-    """The base model (loaded, quantized if asked) with the recipe's adapter, in train mode."""
+def build_model(recipe: Recipe, device: torch.device) -> tuple[PeftModel, Any]:
+    """The base model (loaded in the recipe's dtype, quantized if asked) with the recipe's adapter
+    (float32), on `device`, in train mode."""
     from ..hub import load_model_and_tokenizer
 
     settings = recipe.model
-    base, tokenizer = load_model_and_tokenizer(settings.model)
+    base, tokenizer = load_model_and_tokenizer(settings.model, dtype=devices.resolve_dtype(settings.dtype, device))
     quantize = None if settings.quantize == "none" else settings.quantize
     peft_model = get_peft_model(base, recipe.lora, quantize=quantize, double_quant=settings.double_quant)
     if settings.gradient_checkpointing:
         enable_gradient_checkpointing(base)
+    peft_model.to(device)
     peft_model.train()
     return peft_model, tokenizer
 
@@ -339,21 +332,23 @@ def load_data(settings: DataSettings, tokenizer, seed: int) -> tuple[list[dict],
     return train_set, val_set
 
 
-def optimizer_step(net, batches: list[dict[str, torch.Tensor]], ctx: Dist, autocast, params, optimizer, scheduler,
-                   grad_clip: float) -> tuple[float, torch.Tensor | None]:
+def optimizer_step(net, peft_model, batches: list[dict[str, torch.Tensor]], ctx: Dist, autocast, params, optimizer,
+                   scheduler, grad_clip: float) -> tuple[float, float | None]:
     """One optimizer step over this rank's micro-batches: (mean loss per response token over the
     global batch, the gradient norm before clipping or None)."""
     local_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
     global_tokens = ctx.sum(local_tokens)
     loss_total = 0.0
     for k, batch in enumerate(batches):
-        sync = k == len(batches) - 1 or ctx.world == 1
-        with (nullcontext() if sync else net.no_sync()):
+        with no_sync(net, peft_model, sync=k == len(batches) - 1):
             loss_sum, _ = token_loss_sum(net, batch, autocast)
             # DDP averages gradients over ranks: scale by world so the result is sum / global tokens
             (loss_sum * ctx.world / global_tokens).backward()
         loss_total += float(loss_sum.detach())
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip) if grad_clip > 0 else None
+    grad_norm = None
+    if grad_clip > 0:
+        norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)  # (a DTensor under FSDP)
+        grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
@@ -361,11 +356,10 @@ def optimizer_step(net, batches: list[dict[str, torch.Tensor]], ctx: Dist, autoc
 
 
 def resume_from(ckpt: Path, peft_model: PeftModel, optimizer, scheduler) -> int:
-    """Load a checkpoint's adapter, optimizer, scheduler and RNG state; the step it was taken at."""
-    _, tensors = adapter_format.read_adapter(ckpt)
-    adapter_format.load_weights(peft_model.base_model, "default", tensors, source=str(ckpt))
+    """Load a checkpoint's optimizer, scheduler and RNG state (its adapter is loaded before
+    sharding); the step it was taken at."""
     state = torch.load(ckpt / STATE_NAME, weights_only=False)
-    optimizer.load_state_dict(state["optimizer"])
+    load_optimizer_state(peft_model, optimizer, state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
     return state["step"]

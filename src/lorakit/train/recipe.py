@@ -25,17 +25,25 @@ class ModelSettings:
 
     Args:
         model: A local Hugging Face model folder; the embedded SmolLM2-135M-Instruct when omitted.
+        device: auto (CUDA when present, then MPS, then CPU), cpu, cuda or mps; under torchrun
+            each process takes cuda:LOCAL_RANK.
+        dtype: The base model's dtype: auto is bf16 on CUDA and fp32 elsewhere; the adapter stays fp32.
         quantize: nf4 stores every Linear except the output head in 4 bits (QLoRA).
         double_quant: With --quantize nf4, also quantize the 4-bit scales (about 0.37 bit/weight less).
-        precision: fp32, or bf16 autocast.
+        precision: fp32, or bf16 / fp16 autocast on the device.
         gradient_checkpointing: Recompute activations in backward to save memory (sets use_cache=False).
+        strategy: With several processes (torchrun): ddp (every rank holds the whole model) or
+            fsdp (FSDP2: the base and the adapter sharded across ranks, per decoder layer).
     """
 
     model: str | None = None
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     quantize: Literal["none", "nf4"] = "none"
     double_quant: bool = False
-    precision: Literal["fp32", "bf16"] = "fp32"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     gradient_checkpointing: bool = False
+    strategy: Literal["ddp", "fsdp"] = "ddp"
 
 
 @dataclass
