@@ -591,3 +591,11 @@ def test_a_small_validation_split_is_warned_about(tmp_path, caplog, fraction, wa
         _, val = data.load_data(path, val_fraction=fraction, cache_dir=tmp_path / "cache")
     assert len(val) == round(40 * fraction)
     assert ("validation split has only 4 example(s), fewer than 20" in caplog.text) is warned
+
+
+def test_a_save_to_disk_folder_is_read_not_written(tmp_path):
+    chat = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "r"}]}
+    folder = write_format(tmp_path / "saved", [chat], "disk")  # its messages get cast to lists of Json
+    before = sorted(p.name for p in folder.iterdir())
+    assert load(folder, tmp_path) == [chat]
+    assert sorted(p.name for p in folder.iterdir()) == before

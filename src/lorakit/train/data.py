@@ -459,13 +459,17 @@ def _validate_rows(dataset: Dataset, path: Path, renames: Mapping[str, str], unm
                 raise _row_error(path, row, str(error), nulls, renames, unmapped) from None
 
 
-def _canonical_columns(dataset: Dataset) -> Dataset:
+def _canonical_columns(dataset: Dataset, path: Path, cache_dir: str | None) -> Dataset:
     """Keep the shape columns that hold a value somewhere, in one form per kind of column.
 
     Strings become ``string`` (CSV gives ``large_string``); lists of message
     structs become lists of `datasets.Json` (message keys may differ between
-    files), so files of one shape concatenate.
+    files), so files of one shape concatenate. A cast is written to the cache
+    folder, never beside the data (`datasets` would write it into a
+    save_to_disk folder).
     """
+    import hashlib
+
     import datasets
 
     table = dataset.data
@@ -478,7 +482,15 @@ def _canonical_columns(dataset: Dataset) -> Dataset:
             features[name] = datasets.Value("string")
         elif isinstance(feature, datasets.List) and isinstance(feature.feature, dict):
             features[name] = datasets.List(datasets.Json())
-    return dataset.cast(features) if features != dataset.features else dataset
+    if features == dataset.features:
+        return dataset
+    stat = path.stat()
+    sources = sorted(f["filename"] for f in dataset.cache_files)
+    key = hashlib.sha256(repr((str(path.resolve()), stat.st_mtime_ns, stat.st_size, sources, keep,
+                               str(features))).encode()).hexdigest()[:16]
+    folder = Path(cache_dir if cache_dir is not None else datasets.config.HF_DATASETS_CACHE) / "lorakit-cast"
+    folder.mkdir(parents=True, exist_ok=True)
+    return dataset.cast(features, cache_file_name=str(folder / f"{key}.arrow"))
 
 
 def _form(feature) -> str:
@@ -538,7 +550,7 @@ def load_dataset_files(
         if present:
             dataset = dataset.rename_columns(present)
         _validate_rows(dataset, path, renames, [column for column in renames if column not in present])
-        parts.append((path, _canonical_columns(dataset)))
+        parts.append((path, _canonical_columns(dataset, path, cache)))
     if missing := [column for column in renames if column not in mapped_seen]:
         raise ValueError(f"no data file has the mapped column(s) {', '.join(map(repr, missing))}")
     first_seen: dict[str, tuple[Path, object]] = {}
