@@ -393,9 +393,10 @@ def _read_file(path: Path, renames: Mapping[str, str], cache_dir: str | None) ->
     try:
         return datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=cache_dir, **options)
     except Exception as error:  # datasets wraps the parser's error in its own (DatasetGenerationError, ValueError)
-        if builder == "json" and not _starts_with(path, b"["):
-            if sum(1 for _ in _jsonl_examples(path, renames)) == 0:  # raises at the first bad line
-                raise DataError(path, None, "empty file: no examples") from None
+        # JSON Lines: read strictly, which raises at the first bad line with its number.
+        json_lines = builder == "json" and not _starts_with(path, b"[")
+        if json_lines and sum(1 for _ in _jsonl_examples(path, renames)) == 0:
+            raise DataError(path, None, "empty file: no examples") from None
         cause = error.__cause__ or error
         raise DataError(path, None, f"cannot be read as {builder}: {cause}") from error
 
