@@ -3,9 +3,9 @@ packed against unpacked (eager and sdpa attention)."""
 
 import pytest
 import torch
+from conftest import tiny_llama
 from transformers.masking_utils import find_packed_sequence_indices
 
-from conftest import tiny_llama
 from lorakit.train import data, packing
 from lorakit.train.data import IGNORE_INDEX as X
 
