@@ -3,11 +3,15 @@
     ids = encode_prompt({"instruction": "Translate", "input": "Bonjour"}, tokenizer)   # a training example's prompt
     ids = encode_messages(tokenizer, [{"role": "user", "content": "hi"}])           # a chat, ready for the reply
     ids = encode_text(tokenizer, "Once upon a time")                                 # raw text
+    ids = encode_prompt({"prompt": "The capital of France is"}, tokenizer)           # TRL's prompt/completion
 
 With a chat template, an Alpaca example's prompt is one user turn (instruction, then input) and a
 chat example's prompt is its messages before the last assistant turn, both followed by the
 template's generation prompt; the template writes its own special tokens. Without one, the plain
 "### Instruction / ### Response" template is used and the tokenizer adds its special tokens.
+A prompt/completion example (TRL's shape) gives its prompt as is: a string is the prompt text,
+encoded with the tokenizer's special tokens (as plain text is); a list of messages is rendered by
+the chat template with the generation prompt.
 """
 
 from __future__ import annotations
@@ -41,22 +45,31 @@ def render_prompt(example: dict, tokenizer) -> str:
     after a blank line) as one user message, rendered with the generation
     prompt; without one, the plain "### Instruction / ### Input / ### Response"
     template. For a chat example: the messages, less a final assistant
-    message (the response to predict), rendered with the generation prompt. Training puts exactly this
-    text before the response, so inference must use it too.
+    message (the response to predict), rendered with the generation prompt. For a
+    prompt/completion example: a string prompt as it is; a list of prompt messages
+    rendered with the generation prompt. Training puts exactly this text before the
+    response, so inference must use it too.
 
     Args:
-        example: An Alpaca or chat example (a dict as read by `read_jsonl`, or
-            built in code, e.g. ``{"instruction": ..., "input": ...}``; the
-            output and final assistant message are not needed).
+        example: An Alpaca, chat or prompt/completion example (a dict as read by
+            `read_jsonl`, or built in code, e.g. ``{"instruction": ..., "input": ...}``
+            or ``{"prompt": ...}``; the output, final assistant message and
+            completion are not needed).
         tokenizer: A Hugging Face tokenizer.
 
     Returns:
         The prompt text.
 
     Raises:
-        ValueError: For a plain-text example (it has no prompt), or a chat
-            example with a tokenizer that has no chat template.
+        ValueError: For a plain-text example (it has no prompt), or a chat (or
+            conversational prompt/completion) example with a tokenizer that has no
+            chat template.
     """
+    if "prompt" in example:
+        if isinstance(example["prompt"], str):
+            return example["prompt"]
+        require_chat_template(tokenizer)
+        return tokenizer.apply_chat_template(list(example["prompt"]), tokenize=False, add_generation_prompt=True)
     if "messages" in example:
         require_chat_template(tokenizer)
         messages = example["messages"]
@@ -88,10 +101,13 @@ def encode_prompt(example: dict, tokenizer) -> list[int]:
 
     Returns:
         Token ids of `render_prompt(example, tokenizer)`; special tokens (e.g.
-        BOS) are added by the tokenizer only for the plain template.
+        BOS) are added by the tokenizer only for the plain template and for a
+        string prompt (which no template renders).
     """
     text = render_prompt(example, tokenizer)
-    return tokenizer(text, add_special_tokens=prompt_adds_special_tokens(tokenizer))["input_ids"]
+    plain_prompt = isinstance(example.get("prompt"), str)
+    add_special = plain_prompt or ("prompt" not in example and prompt_adds_special_tokens(tokenizer))
+    return tokenizer(text, add_special_tokens=add_special)["input_ids"]
 
 
 def encode_messages(tokenizer, messages: Sequence[dict]) -> list[int]:
