@@ -450,17 +450,24 @@ def test_serve_command(files, model_folder, monkeypatch):
             servers.append(self)
 
     monkeypatch.setattr(uvicorn, "Server", RecordedServer)
+    monkeypatch.setenv("LORAKIT_API_KEY", "env-key")
     port = free_port()
     argv = ["serve", "--model", str(model_folder), "--port", str(port), "--served-model-name", "tiny",
             "--adapter", f"a={files / 'outside' / 'a'},b={files / 'adapters' / 'b'}", "--adapter-dir",
-            str(files / "adapters"), "--max-loaded", "3", "--max-tokens-limit", "8"]
+            str(files / "adapters"), "--max-loaded", "3", "--max-tokens-limit", "8", "--no-adapter-loading",
+            "--max-queue", "4", "--request-timeout", "120", "--body-timeout", "20"]
     exit_code = []
     thread = threading.Thread(target=lambda: exit_code.append(cli.main(argv)))
     thread.start()
     try:
         wait_until(lambda: servers and servers[0].started, timeout=60)
         url = f"http://127.0.0.1:{port}"
-        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        assert httpx.get(url + "/v1/models", timeout=30).status_code == 401  # LORAKIT_API_KEY is the key
+        headers = {"Authorization": "Bearer env-key"}
+        load = httpx.post(url + "/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": "d"}, headers=headers)
+        assert load.status_code == 403  # --no-adapter-loading
+        assert servers[0].config.app.state.admission.capacity == 16 + 4  # --max-batch-size + --max-queue
+        client = openai.OpenAI(base_url=url + "/v1", api_key="env-key", max_retries=0)
         assert [m.id for m in client.models.list().data] == ["tiny", "a", "b"]
         for model in ["a", "c"]:
             response = client.completions.create(model=model, prompt=PROMPTS[0], max_tokens=6, temperature=0)
