@@ -409,3 +409,36 @@ def test_log_prompts_puts_the_prompt_in_the_line(files, caplog):
                    timeout=30)
         wait_until(lambda: len(log_lines(caplog)) == 2)
     assert [line["prompt"] for line in log_lines(caplog)] == ["the happy moon", messages]
+
+
+# --- registry races ------------------------------------------------------------------------------------
+
+def test_unload_right_after_an_answer_is_never_in_use(files):
+    with running(make_app(files)) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=30)
+        for stream in (False, True) * 5:
+            assert httpx.post(url + "/v1/load_lora_adapter", json={"lora_name": "fresh", "lora_path": "d"},
+                              timeout=30).status_code == 200
+            answer = client.completions.create(model="fresh", prompt=PROMPTS[0], max_tokens=3, stream=stream)
+            if stream:
+                assert list(answer)[-1].choices[0].finish_reason
+            unload = httpx.post(url + "/v1/unload_lora_adapter", json={"lora_name": "fresh"}, timeout=30)
+            assert unload.status_code == 200, unload.text
+
+
+def test_more_adapters_in_demand_than_slots_wait_for_one(files):
+    app = make_app(files, max_loaded=1, max_batch_size=2)
+    with running(app) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        jobs = [(model, prompt) for model in ["a", "b", "c", "d"] for prompt in PROMPTS[:2]]
+        barrier = threading.Barrier(len(jobs))
+
+        def ask(model, prompt):
+            barrier.wait()
+            return client.completions.create(model=model, prompt=prompt, max_tokens=6, temperature=0)
+
+        threads = [in_thread(lambda job=job: ask(*job)) for job in jobs]
+        for (thread, results), (model, prompt) in zip(threads, jobs):
+            thread.join(120)
+            assert results and results[0].choices[0].text == expected(files, model, ids_of(prompt), 6)[0], model
+        assert len(app.state.registry.loaded()) == 1 and app.state.registry.waiting() == 0

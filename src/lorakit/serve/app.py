@@ -40,7 +40,6 @@ from .registry import (
     AdapterNameError,
     AdapterPathError,
     AdapterRegistry,
-    NoFreeSlotError,
     UnknownModelError,
 )
 
@@ -523,7 +522,6 @@ def _add_error_handlers(app: FastAPI) -> None:
         (AdapterLoadError, 400, "invalid_request_error", "invalid_adapter"),
         (UnknownModelError, 404, "not_found_error", "model_not_found"),
         (AdapterInUseError, 409, "invalid_request_error", "adapter_in_use"),
-        (NoFreeSlotError, 503, "server_error", "no_free_adapter_slot"),
     ]
     for error_type, status, kind, code in registry_errors:
         async def registry_error(request: Request, err: Exception, status=status, kind=kind, code=code) -> JSONResponse:
