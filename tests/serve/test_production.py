@@ -413,17 +413,41 @@ def test_log_prompts_puts_the_prompt_in_the_line(files, caplog):
 
 # --- registry races ------------------------------------------------------------------------------------
 
-def test_unload_right_after_an_answer_is_never_in_use(files):
-    with running(make_app(files)) as url:
+def stall_leaving_the_engine(app, monkeypatch):
+    """Each request's `on_done` (the engine letting it go) waits for the returned event list's
+    latest event before it runs: the answer must not depend on that call having happened."""
+    engine, gates = app.state.engine, []
+    submit = engine.submit_async
+
+    def stalled_submit(prompt_ids, adapter, params, on_done=None):
+        gate = threading.Event()
+        gates.append(gate)
+        return submit(prompt_ids, adapter, params, on_done=lambda: (gate.wait(30), on_done and on_done()))
+
+    monkeypatch.setattr(engine, "submit_async", stalled_submit)
+    return gates
+
+
+def test_an_answer_arrives_after_its_pin_and_place_are_given_back(files, monkeypatch):
+    app = make_app(files)
+    with running(app) as url:
+        gates = stall_leaving_the_engine(app, monkeypatch)
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=30)
-        for stream in (False, True) * 5:
-            assert httpx.post(url + "/v1/load_lora_adapter", json={"lora_name": "fresh", "lora_path": "d"},
-                              timeout=30).status_code == 200
-            answer = client.completions.create(model="fresh", prompt=PROMPTS[0], max_tokens=3, stream=stream)
-            if stream:
-                assert list(answer)[-1].choices[0].finish_reason
-            unload = httpx.post(url + "/v1/unload_lora_adapter", json={"lora_name": "fresh"}, timeout=30)
-            assert unload.status_code == 200, unload.text
+        try:
+            for stream in (False, True, False, True):
+                assert httpx.post(url + "/v1/load_lora_adapter", json={"lora_name": "fresh", "lora_path": "d"},
+                                  timeout=30).status_code == 200
+                answer = client.completions.create(model="fresh", prompt=PROMPTS[0], max_tokens=3, stream=stream)
+                if stream:
+                    assert list(answer)[-1].choices[0].finish_reason
+                # the engine has not let the request go yet (it waits on its gate), yet:
+                assert app.state.registry.pins("fresh") == 0 and app.state.admission.admitted == 0
+                gates[-1].set()
+                unload = httpx.post(url + "/v1/unload_lora_adapter", json={"lora_name": "fresh"}, timeout=30)
+                assert unload.status_code == 200, unload.text
+        finally:
+            for gate in gates:
+                gate.set()
 
 
 def test_more_adapters_in_demand_than_slots_wait_for_one(files):

@@ -31,6 +31,7 @@ class Lease:
     `release()` is idempotent and thread-safe: the HTTP side calls it as soon as the last
     output arrives (so the answer never reaches the client before the slot and pin are free),
     and the engine calls it again when the request leaves it (covering failures and cancels).
+    Whichever call comes second returns only once the first one's releases are done.
     """
 
     def __init__(self) -> None:
@@ -47,14 +48,14 @@ class Lease:
         release()
 
     def release(self) -> None:
-        """Give back everything added, in reverse order; later calls do nothing."""
-        with self._lock:
+        """Give back everything added, in reverse order; later calls do nothing (once it is done)."""
+        with self._lock:  # held while releasing: a concurrent second call must not return early
             if self._released:
                 return
             self._released = True
             releases, self._releases = self._releases[::-1], []
-        for release in releases:
-            release()
+            for release in releases:
+                release()
 
 
 class Admission:
