@@ -354,16 +354,21 @@ def test_adapter_in_use_is_neither_evicted_nor_unloaded(files):
             assert time.monotonic() < deadline
             time.sleep(0.01)
 
-        busy = httpx.post(url + "/v1/completions", json={"model": "b", "prompt": "cat"}, timeout=30)
-        assert (busy.status_code, busy.json()["error"]["code"]) == (503, "no_free_adapter_slot")
+        # "b" needs the only slot, which "a" holds: it waits for it instead of failing
+        busy = threading.Thread(target=lambda: answer.setdefault("b", client.completions.create(
+            model="b", prompt=PROMPTS[1], max_tokens=4, temperature=0)))
+        busy.start()
+        wait_until(lambda: app.state.registry.waiting() == 1)
         in_use = httpx.post(url + "/v1/unload_lora_adapter", json={"lora_name": "a"}, timeout=30)
         assert (in_use.status_code, in_use.json()["error"]["code"]) == (409, "adapter_in_use")
         assert httpx.get(url + "/health", timeout=30).status_code == 200  # HTTP stays responsive
+        assert app.state.registry.loaded() == ["a"] and "b" not in answer
 
         gate.set()
         thread.join(30)
+        busy.join(30)
         assert answer["a"].choices[0].text == expected(files, "a", ids_of(PROMPTS[2]), 6)[0]
-        assert httpx.post(url + "/v1/completions", json={"model": "b", "prompt": "cat"}, timeout=30).status_code == 200
+        assert answer["b"].choices[0].text == expected(files, "b", ids_of(PROMPTS[1]), 4)[0]
         assert [m.id for m in client.models.list().data] == ["tiny", "b"]
 
 
@@ -450,17 +455,24 @@ def test_serve_command(files, model_folder, monkeypatch):
             servers.append(self)
 
     monkeypatch.setattr(uvicorn, "Server", RecordedServer)
+    monkeypatch.setenv("LORAKIT_API_KEY", "env-key")
     port = free_port()
     argv = ["serve", "--model", str(model_folder), "--port", str(port), "--served-model-name", "tiny",
             "--adapter", f"a={files / 'outside' / 'a'},b={files / 'adapters' / 'b'}", "--adapter-dir",
-            str(files / "adapters"), "--max-loaded", "3", "--max-tokens-limit", "8"]
+            str(files / "adapters"), "--max-loaded", "3", "--max-tokens-limit", "8", "--no-adapter-loading",
+            "--max-queue", "4", "--request-timeout", "120", "--body-timeout", "20"]
     exit_code = []
     thread = threading.Thread(target=lambda: exit_code.append(cli.main(argv)))
     thread.start()
     try:
         wait_until(lambda: servers and servers[0].started, timeout=60)
         url = f"http://127.0.0.1:{port}"
-        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        assert httpx.get(url + "/v1/models", timeout=30).status_code == 401  # LORAKIT_API_KEY is the key
+        headers = {"Authorization": "Bearer env-key"}
+        load = httpx.post(url + "/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": "d"}, headers=headers)
+        assert load.status_code == 403  # --no-adapter-loading
+        assert servers[0].config.app.state.admission.capacity == 16 + 4  # --max-batch-size + --max-queue
+        client = openai.OpenAI(base_url=url + "/v1", api_key="env-key", max_retries=0)
         assert [m.id for m in client.models.list().data] == ["tiny", "a", "b"]
         for model in ["a", "c"]:
             response = client.completions.create(model=model, prompt=PROMPTS[0], max_tokens=6, temperature=0)

@@ -15,7 +15,6 @@ from lorakit.serve.registry import (
     AdapterNameError,
     AdapterPathError,
     AdapterRegistry,
-    NoFreeSlotError,
     UnknownModelError,
 )
 
@@ -95,12 +94,13 @@ def test_least_recently_used_idle_adapter_is_evicted(root):
 
         await registry.acquire("a")
         await registry.acquire("c")  # both pinned now
-        with pytest.raises(NoFreeSlotError, match="all 2 adapter slots"):
-            await registry.acquire("b")
-        assert attached(engine) == {"a", "c"}
-        registry.release("c")
-        await registry.acquire("b")  # "a" is older but pinned: "c" goes
-        assert registry.loaded() == ["a", "b"] and attached(engine) == {"a", "b"}
+        waiting = asyncio.ensure_future(registry.acquire("b"))  # waits for a slot instead of failing
+        while registry.waiting() == 0:
+            await asyncio.sleep(0.01)
+        assert not waiting.done() and attached(engine) == {"a", "c"}
+        registry.release("c")  # from another thread in the server (the engine's): wakes the waiter
+        assert await waiting == "b"  # "a" is older but pinned: "c" goes
+        assert registry.loaded() == ["a", "b"] and attached(engine) == {"a", "b"} and registry.waiting() == 0
         assert registry.pins("a") == 1 and registry.pins("b") == 1
 
     scenario(root, test, max_loaded=2)
@@ -203,3 +203,29 @@ def test_preloaded_and_resident_adapters(root):
         assert registry.loaded() == ["r", "a"] and attached(engine) == {"r", "a"}
 
     scenario(root, test, model=model, max_loaded=1, resident=["r"], adapters={"z": str(root / "outside" / "z")})
+
+
+def test_unloading_an_evicted_run_time_adapter_forgets_it(root):
+    async def test(registry, engine):
+        await registry.load("fresh", "c")
+        registry.release(await registry.acquire("a"))  # one slot: "fresh" is evicted, still known
+        assert registry.loaded() == ["a"]
+        await registry.unload("fresh")  # not a 404 that leaves it answering
+        with pytest.raises(UnknownModelError):
+            await registry.acquire("fresh")
+        assert registry.loaded() == ["a"] and attached(engine) == {"a"}
+
+    scenario(root, test, max_loaded=1)
+
+
+def test_unload_waits_for_a_load_in_progress(root):
+    async def test(registry, engine):
+        loading = asyncio.ensure_future(registry.load("fresh", "c"))
+        await asyncio.sleep(0)  # the load has started (its files are being read)
+        await registry.unload("fresh")
+        await loading
+        assert registry.loaded() == [] and attached(engine) == set()
+        with pytest.raises(UnknownModelError):
+            await registry.acquire("fresh")
+
+    scenario(root, test)

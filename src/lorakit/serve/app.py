@@ -8,10 +8,13 @@ outputs into OpenAI responses or server-sent events, and the `serve` command. Th
 in memory; `protocol.py` holds the JSON shapes.
 
     POST /v1/completions         POST /v1/chat/completions      GET /v1/models
-    POST /v1/load_lora_adapter   POST /v1/unload_lora_adapter   GET /health
+    POST /v1/load_lora_adapter   POST /v1/unload_lora_adapter   GET /health   GET /metrics
 
 A request's `model` is the base model's name or an adapter's; each request runs its own
-adapter, and requests for different adapters share the same batched forward.
+adapter, and requests for different adapters share the same batched forward. Around the
+routes: `telemetry.RequestRecorder` (outermost: metrics, one log line per request), then
+`middleware.ApiKeyGuard` (with --api-key) and `middleware.BodyLimit`; `admission` holds the
+request capacity (429) and deadline (504).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
 from collections.abc import AsyncIterator
 from typing import Any, Literal
 
@@ -36,7 +40,6 @@ from .registry import (
     AdapterNameError,
     AdapterPathError,
     AdapterRegistry,
-    NoFreeSlotError,
     UnknownModelError,
 )
 
@@ -45,7 +48,10 @@ try:  # the `serve` extra; without it this module still imports, so `lorakit --h
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
     from pydantic import BaseModel
+    from starlette.exceptions import HTTPException
 
+    from .admission import Admission, Deadline, Lease
+    from .middleware import ApiKeyGuard, BodyLimit, error_response
     from .protocol import (
         ApiError,
         ChatChoice,
@@ -67,6 +73,7 @@ try:  # the `serve` extra; without it this module still imports, so `lorakit --h
         new_id,
         now,
     )
+    from .telemetry import Metrics, RequestRecord, RequestRecorder, request_record
 except ImportError as err:
     _MISSING_EXTRA: ImportError | None = err
 else:
@@ -75,11 +82,12 @@ else:
 logger = logging.getLogger("lorakit.serve")
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the server's limit
+ADAPTER_ROUTES = ("/v1/load_lora_adapter", "/v1/unload_lora_adapter")
 
 
 @dataclasses.dataclass(frozen=True)
 class Limits:
-    """What one request may ask for (the body size is `BodySizeLimit`'s).
+    """What one request may ask for (the body size is `middleware.BodyLimit`'s).
 
     Args:
         max_prompt_tokens: Most prompt tokens.
@@ -122,7 +130,9 @@ class Limits:
 def create_app(model: nn.Module, tokenizer: Any, *, model_name: str | None = None,
                adapters: dict[str, str] | None = None, adapter_dir: str | None = None, max_loaded: int = 8,
                max_batch_size: int = 16, max_prompt_tokens: int = 4096, max_tokens_limit: int = 1024,
-               max_request_bytes: int = 1_000_000) -> FastAPI:
+               max_request_bytes: int = 1_000_000, api_key: str | None = None, adapter_loading: bool = True,
+               max_queue: int = 128, request_timeout: float | None = None, body_timeout: float | None = 30.0,
+               log_prompts: bool = False) -> FastAPI:
     """The FastAPI app serving `model` and its adapters (run it with uvicorn).
 
     The engine thread starts with the app (its lifespan) and command-line adapters are
@@ -140,16 +150,24 @@ def create_app(model: nn.Module, tokenizer: Any, *, model_name: str | None = Non
         max_prompt_tokens: Longest prompt, in tokens. Default 4096.
         max_tokens_limit: Most tokens one request may generate. Default 1024.
         max_request_bytes: Largest request body. Default 1,000,000.
+        api_key: When set, every route but /health needs `Authorization: Bearer <api_key>` (401 otherwise).
+        adapter_loading: False turns POST /v1/load_lora_adapter and /v1/unload_lora_adapter off (403).
+        max_queue: Requests that may wait beyond the max_batch_size running ones; one more is
+            answered 429 with `Retry-After`. Default 128.
+        request_timeout: Seconds a completion may take from its admission, waiting included; one
+            that runs longer is cancelled and answered 504 (an error event in a stream). Default: none.
+        body_timeout: Seconds a request body may take to arrive (408 and the connection closed
+            after). Default 30; None for no limit.
+        log_prompts: Put each request's prompt (or messages) in its log line. Default False.
 
     Raises:
         ValueError: a bad limit, adapter name or adapter_dir, or an unsupported model.
         ImportError: FastAPI is not installed (`pip install "lorakit[serve]"`).
     """
     _require_serve_extra()
-    for flag, value in (("max_prompt_tokens", max_prompt_tokens), ("max_tokens_limit", max_tokens_limit),
-                        ("max_request_bytes", max_request_bytes)):
-        if value < 1:
-            raise ValueError(f"{flag} must be >= 1, got {value}")
+    _check_limits({"max_prompt_tokens": max_prompt_tokens, "max_tokens_limit": max_tokens_limit,
+                   "max_request_bytes": max_request_bytes, "max_queue": max_queue},
+                  {"request_timeout": request_timeout, "body_timeout": body_timeout})
     base = model.get_base_model() if isinstance(model, PeftModel) else model
     base_name = model_name or getattr(base.config, "name_or_path", None) or "base"
     engine = Engine(model, tokenizer, max_batch_size=max_batch_size)
@@ -157,6 +175,9 @@ def create_app(model: nn.Module, tokenizer: Any, *, model_name: str | None = Non
     registry = AdapterRegistry(engine, base_name=base_name, max_loaded=max_loaded, adapter_dir=adapter_dir,
                                adapters=adapters, resident=resident)
     limits = Limits(max_prompt_tokens, max_tokens_limit, getattr(base.config, "max_position_embeddings", None))
+    admission = Admission(max_batch_size + max_queue)
+    metrics = Metrics(queue_depth=lambda: max(0, admission.admitted - engine.num_running),
+                      running=lambda: engine.num_running, adapters_loaded=lambda: len(registry.loaded()))
     vocab_size = base.config.vocab_size
     started = now()
 
@@ -175,8 +196,12 @@ def create_app(model: nn.Module, tokenizer: Any, *, model_name: str | None = Non
     app = FastAPI(title="lorakit serve", lifespan=lifespan)
     app.state.engine = engine
     app.state.registry = registry
+    app.state.admission = admission
+    app.state.metrics = metrics
     app.state.startup_error = None
-    app.add_middleware(BodySizeLimit, max_bytes=max_request_bytes)
+    app.add_middleware(BodyLimit, max_bytes=max_request_bytes, timeout=body_timeout)
+    if api_key is not None:
+        app.add_middleware(ApiKeyGuard, api_key=api_key)
     _add_error_handlers(app)
 
     @app.get("/health")
@@ -184,6 +209,11 @@ def create_app(model: nn.Module, tokenizer: Any, *, model_name: str | None = Non
         if not engine.alive:
             return JSONResponse({"status": "engine stopped"}, status_code=503)
         return JSONResponse({"status": "ok", "running": engine.num_running, "waiting": engine.num_waiting})
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        body, content_type = metrics.exposition()
+        return Response(body, headers={"Content-Type": content_type})
 
     @app.get("/v1/models")
     async def list_models() -> ModelList:
@@ -193,44 +223,81 @@ def create_app(model: nn.Module, tokenizer: Any, *, model_name: str | None = Non
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
+        if log_prompts:
+            request_record(request.scope).prompt = body.prompt
         prompt_ids = _completion_prompt_ids(tokenizer, body.prompt, vocab_size)
         params = limits.sampling_params(body, len(prompt_ids), COMPLETIONS_DEFAULT_MAX_TOKENS)
         return await _respond(request, body, prompt_ids, params, CompletionFormat(body.model))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        if log_prompts:
+            request_record(request.scope).prompt = [m.model_dump(exclude_none=True) for m in body.messages]
         prompt_ids = _chat_prompt_ids(tokenizer, body.messages)
         params = limits.sampling_params(body, len(prompt_ids), limits.max_tokens_limit)
         return await _respond(request, body, prompt_ids, params, ChatFormat(body.model))
 
-    @app.post("/v1/load_lora_adapter")
-    async def load_lora_adapter(body: LoadAdapterRequest) -> Response:
-        await registry.load(body.lora_name, body.lora_path)
-        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
+    if adapter_loading:
+        @app.post("/v1/load_lora_adapter")
+        async def load_lora_adapter(body: LoadAdapterRequest) -> Response:
+            await registry.load(body.lora_name, body.lora_path)
+            return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
-    @app.post("/v1/unload_lora_adapter")
-    async def unload_lora_adapter(body: UnloadAdapterRequest) -> Response:
-        await registry.unload(body.lora_name)
-        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
+        @app.post("/v1/unload_lora_adapter")
+        async def unload_lora_adapter(body: UnloadAdapterRequest) -> Response:
+            await registry.unload(body.lora_name)
+            return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
+    else:
+        for path in ADAPTER_ROUTES:
+            app.add_api_route(path, _adapter_loading_disabled, methods=["POST"])
 
     async def _respond(request: Request, body: CompletionRequest | ChatCompletionRequest, prompt_ids: list[int],
                        params: SamplingParams, fmt: CompletionFormat | ChatFormat) -> Response:
-        adapter = await registry.acquire(body.model)
+        record = request_record(request.scope)
+        record.prompt_tokens = len(prompt_ids)
+        deadline = Deadline(request_timeout)
+        lease = admission.enter()
         try:
-            outputs = engine.submit_async(prompt_ids, adapter, params, on_done=lambda: registry.release(adapter))
-        except Exception:
-            registry.release(adapter)
+            async with deadline.bound():
+                adapter = await registry.acquire(body.model)
+            lease.add(lambda: registry.release(adapter))
+            record.adapter = body.model
+            outputs = engine.submit_async(prompt_ids, adapter, params, on_done=lease.release)
+        except BaseException:
+            lease.release()
             raise
+        generation = Generation(outputs, lease, record, deadline)
         if body.stream:
-            return await _stream_response(outputs, fmt, body.include_usage)
-        return await _whole_response(request, outputs, fmt)
+            return await _stream_response(generation, fmt, body.include_usage)
+        return await _whole_response(request, generation, fmt)
 
+    app.add_middleware(RequestRecorder, metrics=metrics, routes=frozenset(route.path for route in app.routes))
     return app
+
+
+def _check_limits(counts: dict[str, int], timeouts: dict[str, float | None]) -> None:
+    """Counts must be >= 1 (max_queue >= 0), timeouts > 0 seconds or None.
+
+    Raises:
+        ValueError: naming the first bad one.
+    """
+    for flag, value in counts.items():
+        lowest = 0 if flag == "max_queue" else 1
+        if value < lowest:
+            raise ValueError(f"{flag} must be >= {lowest}, got {value}")
+    for flag, seconds in timeouts.items():
+        if seconds is not None and seconds <= 0:
+            raise ValueError(f"{flag} must be > 0 seconds, got {seconds}")
+
+
+async def _adapter_loading_disabled() -> Response:
+    raise ApiError(403, "loading and unloading adapters over HTTP is turned off on this server "
+                        "(it runs with --no-adapter-loading)", code="adapter_loading_disabled")
 
 
 def _require_serve_extra() -> None:
     if _MISSING_EXTRA is not None:
-        raise ImportError(f'lorakit serve needs FastAPI and uvicorn: pip install "lorakit[serve]" '
+        raise ImportError(f'lorakit serve needs FastAPI, uvicorn and prometheus-client: pip install "lorakit[serve]" '
                           f"({_MISSING_EXTRA})") from _MISSING_EXTRA
 
 
@@ -315,35 +382,91 @@ def _generation_error(error: BaseException) -> ApiError:
                     code="generation_failed")
 
 
-async def _stream_response(outputs: OutputStream, fmt: CompletionFormat | ChatFormat,
+class Generation:
+    """One admitted request's Outputs as the response code reads them.
+
+    Each Output is counted in the request's record; the lease (admission slot, adapter pin)
+    is released as soon as the last Output arrives, before the answer is sent, so a client
+    that unloads the adapter right after its answer never finds it still in use.
+
+    Args:
+        outputs: The engine's Outputs for this request.
+        lease: What the request holds.
+        record: The request's telemetry record.
+        deadline: When the request must be done by.
+    """
+
+    def __init__(self, outputs: OutputStream, lease: Lease, record: RequestRecord, deadline: Deadline) -> None:
+        self.outputs = outputs
+        self.lease = lease
+        self.record = record
+        self.deadline = deadline
+
+    async def next(self) -> Output:
+        """The next Output.
+
+        Raises:
+            ApiError: 504 when the deadline passes first (the request is then cancelled).
+        """
+        try:
+            async with self.deadline.bound():
+                out = await anext(self.outputs)
+        except ApiError:
+            self.cancel()
+            raise
+        self.record.add_output(out)
+        if out.finished:
+            self.lease.release()
+        return out
+
+    def cancel(self) -> None:
+        """Stop the request: its row is freed at the next engine step (idempotent)."""
+        self.outputs.cancel()
+
+
+async def _stream_response(generation: Generation, fmt: CompletionFormat | ChatFormat,
                            include_usage: bool) -> Response:
     """Server-sent events: OpenAI chunks, then `data: [DONE]`. The first output is awaited before
-    answering, so a request that fails at once gets a plain error response with its status."""
+    answering, so a request that fails at once gets a plain error response with its status; a
+    later failure (or the deadline) is a last `data: {"error": ...}` event instead of [DONE]."""
     try:
-        first = await anext(outputs)
+        first = await generation.next()
     except BaseException:
-        outputs.cancel()
+        generation.cancel()
         raise
     if first.error is not None:
         raise _generation_error(first.error)
+    record = generation.record
 
     async def events() -> AsyncIterator[str]:
+        ended = False  # [DONE] or an error event was sent
         try:
             for chunk in fmt.opening():
                 yield _sse(chunk.model_dump_json())
-            out: Output | None = first
-            while out is not None:
+            out = first
+            while True:
                 if out.error is not None:  # the status line is sent already: report in the stream
+                    record.error, ended = "generation_failed", True
                     yield _sse(json.dumps(_generation_error(out.error).body()))
                     return
                 if out.text or out.finish_reason:
                     yield _sse(fmt.chunk(out.text, out.finish_reason).model_dump_json())
                 if out.finish_reason and include_usage:
                     yield _sse(fmt.usage_chunk(Usage.of(out.prompt_tokens, out.completion_tokens)).model_dump_json())
-                out = None if out.finished else await anext(outputs)
+                if out.finished:
+                    break
+                try:
+                    out = await generation.next()
+                except ApiError as err:  # the deadline passed
+                    record.error, ended = err.code, True
+                    yield _sse(json.dumps(err.body()))
+                    return
+            ended = True
             yield _sse("[DONE]")
         finally:
-            outputs.cancel()  # the client left early: free its row at the next step
+            generation.cancel()  # the client left early: free its row at the next step
+            if not ended:
+                record.error = "client_disconnected"
 
     return StreamingResponse(events(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -353,18 +476,18 @@ def _sse(data: str) -> str:
     return f"data: {data}\n\n"
 
 
-async def _whole_response(request: Request, outputs: OutputStream, fmt: CompletionFormat | ChatFormat) -> Response:
+async def _whole_response(request: Request, generation: Generation, fmt: CompletionFormat | ChatFormat) -> Response:
     """Collect the whole answer; if the client disconnects first, cancel the request."""
 
     async def collect() -> tuple[str, Output]:
         texts = []
-        async for out in outputs:
+        while True:
+            out = await generation.next()
             if out.error is not None:
                 raise _generation_error(out.error)
             texts.append(out.text)
             if out.finished:
                 return "".join(texts), out
-        raise RuntimeError("the engine stopped before the request finished")
 
     collecting = asyncio.ensure_future(collect())
     disconnected = asyncio.ensure_future(_client_disconnected(request))
@@ -374,8 +497,9 @@ async def _whole_response(request: Request, outputs: OutputStream, fmt: Completi
         disconnected.cancel()
         if not collecting.done():
             collecting.cancel()
-            outputs.cancel()
+            generation.cancel()
     if collecting.cancelled():
+        generation.record.error = "client_disconnected"
         return Response(status_code=499)  # nobody is listening any more
     text, last = collecting.result()
     usage = Usage.of(last.prompt_tokens, last.completion_tokens)
@@ -398,80 +522,52 @@ def _add_error_handlers(app: FastAPI) -> None:
         (AdapterLoadError, 400, "invalid_request_error", "invalid_adapter"),
         (UnknownModelError, 404, "not_found_error", "model_not_found"),
         (AdapterInUseError, 409, "invalid_request_error", "adapter_in_use"),
-        (NoFreeSlotError, 503, "server_error", "no_free_adapter_slot"),
     ]
     for error_type, status, kind, code in registry_errors:
         async def registry_error(request: Request, err: Exception, status=status, kind=kind, code=code) -> JSONResponse:
-            return _error_response(ApiError(status, str(err), type=kind, code=code))
+            return error_response(ApiError(status, str(err), type=kind, code=code))
 
         app.add_exception_handler(error_type, registry_error)
 
     async def api_error(request: Request, err: ApiError) -> JSONResponse:
-        return _error_response(err)
+        return error_response(err)
 
     async def invalid_request(request: Request, err: RequestValidationError) -> JSONResponse:
-        first = err.errors()[0]
-        if first.get("type") == "json_invalid":
-            reason = (first.get("ctx") or {}).get("error", first.get("msg"))
-            return _error_response(ApiError(400, f"the request body is not valid JSON: {reason}"))
-        loc = [str(part) for part in first.get("loc", ()) if part != "body"]
-        message = f"{'.'.join(loc)}: {first.get('msg')}" if loc else str(first.get("msg"))
-        return _error_response(ApiError(400, message, param=loc[0] if loc else None))
+        return error_response(_validation_error(err.errors()))
+
+    async def http_error(request: Request, err: HTTPException) -> JSONResponse:  # unknown path, wrong method, ...
+        kind = "not_found_error" if err.status_code == 404 else "invalid_request_error"
+        return error_response(ApiError(err.status_code, str(err.detail), type=kind), headers=err.headers)
 
     async def unexpected(request: Request, err: Exception) -> JSONResponse:
         logger.exception("unexpected error on %s", request.url.path)
-        return _error_response(ApiError(500, f"internal error: {type(err).__name__}: {err}", type="server_error"))
+        return error_response(ApiError(500, f"internal error: {type(err).__name__}: {err}", type="server_error"))
 
     app.add_exception_handler(ApiError, api_error)
     app.add_exception_handler(RequestValidationError, invalid_request)
+    app.add_exception_handler(HTTPException, http_error)
     app.add_exception_handler(Exception, unexpected)
 
 
-def _error_response(err: ApiError) -> JSONResponse:
-    return JSONResponse(err.body(), status_code=err.status)
+def _validation_error(errors: list[dict]) -> ApiError:
+    """A 400 naming the field at fault (`param`) from pydantic's errors.
 
-
-class BodySizeLimit:
-    """ASGI middleware: a request body above `max_bytes` is answered 413 before any route runs.
-
-    The declared Content-Length is checked first; the body is then read (at most max_bytes + 1
-    bytes, whatever it declares) and replayed to the app.
+    For a field with several accepted types (`prompt`: a string, strings or token ids) the
+    error of the type the value has is reported, not the first alternative's.
     """
+    first = errors[0]
+    if first.get("type") == "json_invalid":
+        reason = (first.get("ctx") or {}).get("error", first.get("msg"))
+        return ApiError(400, f"the request body is not valid JSON: {reason}")
+    chosen = next((e for e in errors if e.get("type") == "value_error"), first)
+    loc = [str(part) for part in chosen.get("loc", ()) if part != "body" and not _is_type_tag(part)]
+    message = f"{'.'.join(loc)}: {chosen.get('msg')}" if loc else str(chosen.get("msg"))
+    return ApiError(400, message, param=loc[0] if loc else None)
 
-    def __init__(self, app: Any, max_bytes: int) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
 
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            return await self._refuse(scope, receive, send)
-        body, more = bytearray(), True
-        while more:
-            message = await receive()
-            if message["type"] != "http.request":  # the client left while sending
-                return
-            body += message.get("body", b"")
-            more = message.get("more_body", False)
-            if len(body) > self.max_bytes:
-                return await self._refuse(scope, receive, send)
-        replayed = False
-
-        async def replay() -> dict:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": bytes(body), "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, send)
-
-    async def _refuse(self, scope: dict, receive: Any, send: Any) -> None:
-        error = ApiError(413, f"the request body is larger than this server's limit of {self.max_bytes} bytes "
-                              "(--max-request-bytes)", code="request_too_large")
-        await _error_response(error)(scope, receive, send)
+def _is_type_tag(part: Any) -> bool:
+    """pydantic's name of a union member in an error location ("str", "list[int]", "function-after[...]")."""
+    return isinstance(part, str) and (part in ("str", "int", "bool") or "[" in part)
 
 
 # --- the command ----------------------------------------------------------------------------------------
@@ -507,6 +603,12 @@ def serve(
     dtype: Literal["fp32", "bf16"] = "fp32",
     device: str | None = None,
     served_model_name: str | None = None,
+    api_key: str | None = None,
+    adapter_loading: bool = True,
+    max_queue: int = 128,
+    request_timeout: float | None = None,
+    body_timeout: float = 30.0,
+    log_prompts: bool = False,
 ) -> int:
     """Serve a base model and its LoRA adapters over an OpenAI-compatible HTTP API.
 
@@ -516,8 +618,7 @@ def serve(
         adapter_dir: A folder of adapter folders: a request for model NAME loads <adapter_dir>/NAME
             on first use, and POST /v1/load_lora_adapter may load paths inside it.
         max_loaded: Most adapters in memory; the least recently used idle one is evicted.
-        host: Address to bind. Keep 127.0.0.1 unless a proxy with authentication is in front:
-            the server has no authentication of its own.
+        host: Address to bind. Beyond 127.0.0.1, set --api-key (or put an authenticating proxy in front).
         port: TCP port.
         max_batch_size: Most requests decoded together in one forward.
         max_prompt_tokens: Longest prompt accepted, in tokens.
@@ -527,6 +628,17 @@ def serve(
         device: Where the model runs (cpu, cuda, cuda:1, ...). Default: cuda when available, else cpu.
         served_model_name: The base model's name in requests. Default: --model as given, or the
             embedded model's name.
+        api_key: Require `Authorization: Bearer KEY` on every route but /health (401 otherwise).
+            Default: the LORAKIT_API_KEY environment variable; without either, no key is checked.
+        adapter_loading: Allow POST /v1/load_lora_adapter and /v1/unload_lora_adapter;
+            --no-adapter-loading answers them 403.
+        max_queue: Requests that may wait beyond the --max-batch-size running ones; one more is
+            answered 429 with Retry-After.
+        request_timeout: Seconds a completion may take from its admission, waiting included; one
+            that runs longer is cancelled and answered 504 (an error event in a stream). Default: none.
+        body_timeout: Seconds a request body may take to arrive; a slower one is answered 408 and
+            its connection closed.
+        log_prompts: Put each request's prompt (or messages) in its JSON log line.
 
     Returns:
         0 after a clean shutdown (Ctrl-C).
@@ -541,6 +653,7 @@ def serve(
     from ..hub import DEFAULT_MODEL_NAME, ModelLoadError, load_model_and_tokenizer
 
     adapters = parse_adapter_flags(adapter or [])
+    api_key = _api_key(api_key)
     try:
         base, tokenizer = load_model_and_tokenizer(model, dtype=torch.bfloat16 if dtype == "bf16" else torch.float32,
                                                    device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -549,8 +662,12 @@ def serve(
     app = create_app(base, tokenizer, model_name=served_model_name or model or DEFAULT_MODEL_NAME, adapters=adapters,
                      adapter_dir=adapter_dir, max_loaded=max_loaded, max_batch_size=max_batch_size,
                      max_prompt_tokens=max_prompt_tokens, max_tokens_limit=max_tokens_limit,
-                     max_request_bytes=max_request_bytes)
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info"))
+                     max_request_bytes=max_request_bytes, api_key=api_key, adapter_loading=adapter_loading,
+                     max_queue=max_queue, request_timeout=request_timeout, body_timeout=body_timeout,
+                     log_prompts=log_prompts)
+    _show_request_log()
+    # uvicorn's access log is off: the "lorakit.serve" logger writes one JSON line per request instead
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info", access_log=False))
     try:
         server.run()
     except SystemExit:  # uvicorn exits this way when startup fails
@@ -559,3 +676,26 @@ def serve(
     if app.state.startup_error is not None:
         raise ValueError(f"the server did not start: {app.state.startup_error}")
     return 0
+
+
+def _api_key(flag: str | None) -> str | None:
+    """--api-key, else LORAKIT_API_KEY (an empty variable counts as unset).
+
+    Raises:
+        ValueError: an empty --api-key.
+    """
+    if flag is None:
+        return os.environ.get("LORAKIT_API_KEY") or None
+    if not flag.strip():
+        raise ValueError("--api-key must not be empty")
+    return flag
+
+
+def _show_request_log() -> None:
+    """Print the request log (INFO on "lorakit.serve") on stderr, unless logging is configured already."""
+    if logger.handlers or logging.getLogger().handlers:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)

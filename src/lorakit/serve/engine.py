@@ -41,6 +41,7 @@ import dataclasses
 import inspect
 import secrets
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -64,7 +65,7 @@ class SamplingParams:
         temperature: 0 for greedy decoding (argmax); above 0 samples from softmax(logits / T).
         top_p: Nucleus sampling: sample among the most likely tokens holding this much mass.
         stop: Strings that end the text; the first one found is not part of the answer.
-        seed: Seed of this request's own random generator; None picks a random one.
+        seed: Seed of this request's own random generator, in [-2**63, 2**64); None picks a random one.
     """
 
     max_tokens: int
@@ -86,6 +87,7 @@ class Output:
         prompt_tokens: Tokens in the prompt.
         completion_tokens: Tokens generated so far (an end-of-sequence token counts).
         error: Set when the request failed; it is then the last Output.
+        emitted_at: `time.monotonic()` when the engine produced it (for latency metrics).
     """
 
     text: str
@@ -94,6 +96,7 @@ class Output:
     prompt_tokens: int
     completion_tokens: int
     error: BaseException | None = None
+    emitted_at: float = dataclasses.field(default_factory=time.monotonic, compare=False)
 
     @property
     def finished(self) -> bool:
@@ -118,14 +121,19 @@ class EngineStats:
 def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
     """One token id from one row of logits.
 
+    The logits are shifted so their maximum is 0 before dividing by the temperature: a tiny
+    temperature (1e-30) then gives -inf to every other token and 0 to the best ones, i.e.
+    greedy decoding (ties sampled), never an inf/nan probability. A temperature below float32's
+    smallest normal number (~1.2e-38, where the division itself breaks down) is argmax.
+
     Args:
         logits: (vocab,) float32 on CPU.
         params: temperature 0 means argmax (ties go to the lowest id, as in `generate`).
         generator: The request's CPU generator.
     """
-    if params.temperature == 0:
+    if params.temperature < torch.finfo(torch.float32).tiny:
         return int(torch.argmax(logits))
-    probs = torch.softmax(logits / params.temperature, dim=-1)
+    probs = torch.softmax((logits - logits.max()) / params.temperature, dim=-1)
     if params.top_p < 1.0:
         sorted_probs, order = probs.sort(descending=True)
         mass_before = sorted_probs.cumsum(0) - sorted_probs
@@ -327,10 +335,12 @@ class Engine:
                 engine (finished, failed or cancelled).
 
         Raises:
-            ValueError: empty prompt.
+            ValueError: empty prompt, or a seed outside [-2**63, 2**64).
         """
         if not prompt_ids:
             raise ValueError("the prompt has no tokens")
+        if params.seed is not None and not -(2**63) <= params.seed < 2**64:
+            raise ValueError(f"seed must be in [-2**63, 2**64), got {params.seed}")
         seed = params.seed if params.seed is not None else secrets.randbits(63)
         seq = _Sequence(prompt_ids=list(prompt_ids), adapter=adapter, params=params, emit=emit, on_done=on_done,
                         text=TextStream(self.tokenizer, params.stop), generator=torch.Generator().manual_seed(seed))

@@ -6,16 +6,18 @@ load/unload bodies, and OpenAI's error body `{"error": {"message", "type", "para
 Nothing here touches the model; `app.py` turns these into engine calls.
 
 Requests forbid unknown fields, so a parameter this server does not implement (logprobs,
-tools, ...) is refused with a 400 instead of being silently ignored.
+tools, ...) is refused with a 400 instead of being silently ignored. Booleans and integers are
+strict (`"stream": "yes"` or `"max_tokens": "5"` is refused, not guessed at), every string must
+be valid Unicode (no lone surrogate), and `seed` must fit in 64 bits.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
 
 # --- errors ----------------------------------------------------------------------------------------
 
@@ -29,16 +31,18 @@ class ApiError(Exception):
         type: OpenAI's error type: "invalid_request_error", "not_found_error", "server_error", ...
         code: A short machine-readable code, e.g. "model_not_found".
         param: The request field at fault, if any.
+        headers: Extra response headers (`Retry-After`, `WWW-Authenticate`, ...).
     """
 
     def __init__(self, status: int, message: str, type: str = "invalid_request_error",
-                 code: str | None = None, param: str | None = None) -> None:
+                 code: str | None = None, param: str | None = None, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.type = type
         self.code = code
         self.param = param
+        self.headers = headers or {}
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -46,11 +50,28 @@ class ApiError(Exception):
 
 # --- requests --------------------------------------------------------------------------------------
 
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what a torch.Generator accepts; OpenAI's seed is a 64-bit integer
+
+
+def _unicode_text(text: str) -> str:
+    """Refuse a string holding a lone surrogate (JSON allows "\\ud800"; no tokenizer can encode it)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(f"contains a lone surrogate ({text[err.start]!r} at character {err.start}): "
+                         "not valid Unicode text") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_unicode_text)]
+"""A string that is valid Unicode (encodable as UTF-8)."""
+
+
 
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    include_usage: bool = False
+    include_usage: StrictBool = False
 
 
 class _SamplingFields(BaseModel):
@@ -58,16 +79,16 @@ class _SamplingFields(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str
-    max_tokens: int | None = Field(default=None, ge=1)
+    model: Text
+    max_tokens: StrictInt | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    n: int = 1
-    stream: bool = False
+    stop: Text | list[Text] | None = None
+    seed: StrictInt | None = Field(default=None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
+    n: StrictInt = 1
+    stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None
+    user: Text | None = None
     # Accepted only at their neutral value, so clients that always send them keep working.
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
@@ -108,7 +129,7 @@ class _SamplingFields(BaseModel):
 class CompletionRequest(_SamplingFields):
     """POST /v1/completions. `prompt`: a string, a list with one string, or a list of token ids."""
 
-    prompt: str | list[str] | list[int]
+    prompt: Text | list[Text] | list[StrictInt]
 
     @field_validator("prompt")
     @classmethod
@@ -124,15 +145,15 @@ class TextPart(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
-    name: str | None = None
+    content: Text | list[TextPart]
+    name: Text | None = None
 
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
@@ -149,8 +170,8 @@ class LoadAdapterRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    lora_name: str
-    lora_path: str
+    lora_name: Text
+    lora_path: Text
 
 
 class UnloadAdapterRequest(BaseModel):
@@ -158,8 +179,8 @@ class UnloadAdapterRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    lora_name: str
-    lora_int_id: int | None = None
+    lora_name: Text
+    lora_int_id: StrictInt | None = None
 
 
 # --- responses -------------------------------------------------------------------------------------

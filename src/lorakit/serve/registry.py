@@ -14,7 +14,9 @@ Owns the policy; the engine owns the mechanics (it attaches and detaches between
   Symlinks inside the folder are trusted: whoever can create them runs the server.
 - Cache: at most `max_loaded` adapters are attached; loading one more evicts the least
   recently used one that no request holds. A request pins its adapter from `acquire` until
-  the engine lets it go, so an adapter is never removed under a running request.
+  its last output (or until the engine lets it go), so an adapter is never removed under a
+  running request. When every slot is pinned, a load waits until a pin is released (the
+  caller bounds that wait: the request's deadline, the queue limit) instead of failing.
 - Loading: files are read and checked in a worker thread (`adapter_format.read_adapter`), so a large
   adapter delays only the requests that need it; attaching (inject, check shapes, copy) is
   short and runs between two engine steps. Concurrent requests for one adapter share one load.
@@ -24,13 +26,14 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import os
 import threading
 from collections.abc import Iterable
 from pathlib import Path
 
 from .. import adapter_format
-from ..config import AdapterLoadError
+from ..config import AdapterLoadError, LoraConfig
 from ..layers import BASE_ADAPTER
 from ..adapter_format import check_adapter_name
 from .engine import Engine
@@ -50,10 +53,6 @@ class AdapterPathError(ValueError):
 
 class AdapterInUseError(RuntimeError):
     """The adapter cannot be unloaded: running requests use it."""
-
-
-class NoFreeSlotError(RuntimeError):
-    """Every adapter slot holds an adapter that running requests use."""
 
 
 class AdapterRegistry:
@@ -93,6 +92,9 @@ class AdapterRegistry:
         self._pins: collections.Counter[str] = collections.Counter()
         self._changing = asyncio.Lock()  # one attach/detach decision at a time
         self._loading: dict[str, asyncio.Task] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None  # where slot waiters are woken
+        self._slot_freed: asyncio.Event | None = None  # set (and replaced) whenever a slot may have freed
+        self._waiting = 0  # loads waiting for a slot
 
     # --- what is there -------------------------------------------------------------------------------
 
@@ -106,6 +108,10 @@ class AdapterRegistry:
         with self._lock:
             return self._pins[name]
 
+    def waiting(self) -> int:
+        """Loads waiting for a slot (every slot pinned by running requests)."""
+        return self._waiting
+
     # --- requests --------------------------------------------------------------------------------------
 
     async def acquire(self, model: str) -> str:
@@ -118,28 +124,32 @@ class AdapterRegistry:
             AdapterNameError: not a plain name.
             UnknownModelError: no such model or adapter.
             AdapterLoadError: its files are malformed or do not fit the base model.
-            NoFreeSlotError: every slot is held by running requests.
+
+        When every slot is pinned this waits for one (cancel it to give up: the caller's deadline).
         """
         if model == self.base_name:
             return BASE_ADAPTER
         self._check_name(model)
-        for _ in range(3):  # a just-loaded adapter can be evicted again before we pin it, under heavy churn
+        while True:  # a just-loaded adapter can be evicted again before it is pinned, under heavy churn
             with self._lock:
                 if model in self._loaded:
                     self._pins[model] += 1
                     self._loaded.move_to_end(model)
                     return model
             await self._ensure_loaded(model, self._path_for(model))
-        raise NoFreeSlotError(f"adapter {model!r} was evicted again before use: too many adapters in demand; "
-                              f"retry, or raise --max-loaded (now {self.max_loaded})")
 
     def release(self, adapter: str) -> None:
-        """Undo one `acquire` (thread-safe; BASE_ADAPTER is ignored)."""
+        """Undo one `acquire` (thread-safe; BASE_ADAPTER is ignored). The last pin's release
+        wakes the loads waiting for a slot."""
         if adapter == BASE_ADAPTER:
             return
         with self._lock:
-            if self._pins[adapter] > 0:
-                self._pins[adapter] -= 1
+            if self._pins[adapter] == 0:
+                return
+            self._pins[adapter] -= 1
+            freed = self._pins[adapter] == 0
+        if freed:
+            self._wake_slot_waiters()
 
     # --- administration --------------------------------------------------------------------------------
 
@@ -163,7 +173,8 @@ class AdapterRegistry:
             AdapterNameError: invalid or taken name.
             AdapterPathError: the path is not allowed.
             AdapterLoadError: bad files, or an adapter for another base model.
-            NoFreeSlotError: every slot is held by running requests.
+
+        When every slot is pinned this waits for one.
         """
         self._check_name(name)
         with self._lock:
@@ -176,24 +187,33 @@ class AdapterRegistry:
     async def unload(self, name: str) -> None:
         """Detach adapter `name` (POST /v1/unload_lora_adapter).
 
-        One loaded at run time is forgotten; a command-line or --adapter-dir one can be used
-        (and so loaded) again by name.
+        One loaded at run time is forgotten, even if it was evicted meanwhile (it then no longer
+        answers); a command-line or --adapter-dir one can be used (and so loaded) again by name.
+        A load of `name` in progress is waited for first.
 
         Raises:
             AdapterNameError: invalid name or the base model's name.
-            UnknownModelError: not loaded.
+            UnknownModelError: neither loaded nor loaded at run time and evicted.
             AdapterInUseError: running requests use it.
         """
         self._check_name(name)
+        loading = self._loading.get(name)
+        if loading is not None:
+            with contextlib.suppress(Exception):  # a failed load leaves nothing to unload
+                await asyncio.shield(loading)
         async with self._changing:
             with self._lock:
-                if name not in self._loaded:
+                attached = name in self._loaded
+                if not attached and name not in self._known:
                     raise UnknownModelError(f"adapter {name!r} is not loaded")
                 if self._pins[name]:
                     raise AdapterInUseError(f"adapter {name!r} is used by {self._pins[name]} running request(s); "
                                             "unload it when they are done")
-                del self._loaded[name]
-            await self._detach(name)
+                if attached:
+                    del self._loaded[name]
+            if attached:
+                await self._detach(name)
+                self._wake_slot_waiters()
         self._resident.discard(name)
         if name not in self._command_line:
             self._known.pop(name, None)
@@ -249,33 +269,67 @@ class AdapterRegistry:
             config, tensors = await asyncio.to_thread(adapter_format.read_adapter, path)
         except AdapterLoadError as err:
             raise AdapterLoadError(f"cannot load adapter {name!r}: {err}") from err
-        async with self._changing:
-            with self._lock:
-                if name in self._loaded:
+        while True:
+            freed = self._slot_freed_event()  # taken before looking, so no release is missed
+            async with self._changing:
+                with self._lock:
+                    if name in self._loaded:
+                        return
+                if await self._make_room():
+                    await self._attach(name, path, config, tensors)
                     return
-            await self._make_room()
+            self._waiting += 1
             try:
-                await asyncio.wrap_future(self.engine.attach_adapter(name, config, tensors, source=str(path)))
-            except AdapterLoadError:
-                raise
-            except (ValueError, TypeError) as err:  # targets missing in this model, unsupported layer, ...
-                raise AdapterLoadError(f"cannot load adapter {name!r} from {str(path)!r}: {err}") from err
-            with self._lock:
-                self._loaded[name] = None
+                await freed.wait()  # every slot is pinned: wait for a release
+            finally:
+                self._waiting -= 1
 
-    async def _make_room(self) -> None:
-        """Evict least recently used, unpinned adapters until one more fits (caller holds _changing)."""
+    async def _attach(self, name: str, path: Path, config: LoraConfig, tensors: dict) -> None:
+        try:
+            await asyncio.wrap_future(self.engine.attach_adapter(name, config, tensors, source=str(path)))
+        except AdapterLoadError:
+            raise
+        except (ValueError, TypeError) as err:  # targets missing in this model, unsupported layer, ...
+            raise AdapterLoadError(f"cannot load adapter {name!r} from {str(path)!r}: {err}") from err
+        with self._lock:
+            self._loaded[name] = None
+
+    async def _make_room(self) -> bool:
+        """Evict least recently used, unpinned adapters until one more fits (caller holds _changing).
+
+        Returns:
+            False when every slot is pinned (nothing evicted then).
+        """
         while True:
             with self._lock:
                 evictable = [n for n in self._loaded if n not in self._resident]
                 if len(evictable) < self.max_loaded:
-                    return
+                    return True
                 victim = next((n for n in evictable if self._pins[n] == 0), None)
                 if victim is None:
-                    raise NoFreeSlotError(f"all {self.max_loaded} adapter slots are used by running requests; "
-                                          "retry later, or raise --max-loaded")
+                    return False
                 del self._loaded[victim]  # no request can pin it from now on
             await self._detach(victim)
+
+    def _slot_freed_event(self) -> asyncio.Event:
+        """The event the next freed slot sets (on the running loop)."""
+        if self._slot_freed is None:
+            self._loop = asyncio.get_running_loop()
+            self._slot_freed = asyncio.Event()
+        return self._slot_freed
+
+    def _wake_slot_waiters(self) -> None:
+        """Wake every load waiting for a slot (from any thread)."""
+        loop = self._loop
+        if loop is None:
+            return
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+            loop.call_soon_threadsafe(self._set_slot_freed)
+
+    def _set_slot_freed(self) -> None:
+        event, self._slot_freed = self._slot_freed, asyncio.Event()
+        if event is not None:
+            event.set()
 
     async def _detach(self, name: str) -> None:
         try:
