@@ -196,3 +196,27 @@ def test_records_and_flat_flags_train_the_same_adapter(setup, tmp_path):
           run=RunSettings(out=str(tmp_path / "records"), quiet=True))
     flat, records = adapter_tensors(tmp_path / "flat"), adapter_tensors(tmp_path / "records")
     assert flat.keys() == records.keys() and all(torch.equal(flat[k], records[k]) for k in flat)
+
+
+def test_packed_training_learns_and_counts_real_tokens(setup, tmp_path):
+    summary = run(setup, tmp_path, max_steps=20, packing=True, max_seq_len=64, batch_size=2)
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert sum(x["loss"] for x in lines[-3:]) < 0.85 * sum(x["loss"] for x in lines[:3])
+    assert summary["val_loss"] is not None
+    assert lines[0]["tokens"] > 2 * 8  # two packed rows of several examples each, not two examples
+
+
+def test_other_data_forms_and_column_names_reach_the_trainer(setup, tmp_path):
+    import datasets
+
+    model, data = setup
+    rows = [json.loads(x) for x in Path(data).read_text().splitlines()]
+    renamed = datasets.Dataset.from_list([{"question": r["instruction"], "answer": r["output"]} for r in rows])
+    renamed.to_parquet(str(tmp_path / "part.parquet"))
+    result = subprocess.run([sys.executable, "-m", "lorakit.cli", "train", "--data", str(tmp_path / "*.parquet"),
+                             "--data-field", "instruction=question,output=answer", "--model", str(model),
+                             "--out", str(tmp_path / "out"), "--max-steps", "2", "--batch-size", "4", "--quiet"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    config = yaml.safe_load((tmp_path / "out" / "run_config.yaml").read_text())
+    assert config["train_examples"] + config["val_examples"] == len(rows)

@@ -60,7 +60,7 @@ def test_a_yaml_file_is_the_records_flat_or_in_sections(tmp_path):
                          "data: {data: train.jsonl}\noptim: {lr: 0.001}\nrun: {out: runs/y}\n")
     args = cli.parse("train", ["--config", str(sectioned), "--lr", "0.002"])
     assert (args["model"], args["quantize"], args["r"], args["use_dora"]) == ("./base", "nf4", 16, True)
-    assert args["rank_pattern"] == {"q_proj": 4} and args["data"] == "train.jsonl" and args["out"] == "runs/y"
+    assert args["rank_pattern"] == {"q_proj": 4} and args["data"] == ["train.jsonl"] and args["out"] == "runs/y"
     assert args["lr"] == 0.002  # the command line over the file
     flat = tmp_path / "flat.yaml"
     flat.write_text("model: ./base\ndata: train.jsonl\nr: 16\n")

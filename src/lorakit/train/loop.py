@@ -35,6 +35,7 @@ from ..files import atomic_write
 from ..config import LoraConfig
 from ..peft_model import PeftModel, get_peft_model
 from . import data as data_mod
+from . import packing
 from .distributed import (Dist, adapter_state, load_optimizer_state, local_base_bytes, no_sync,
                           optimizer_state, shard)
 from .recipe import SECTIONS, DataSettings, ModelSettings, OptimSettings, Recipe, RunSettings
@@ -134,8 +135,12 @@ def token_loss_sum(model, batch: dict[str, torch.Tensor], autocast) -> tuple[tor
     """(sum of next-token cross-entropy over labelled positions, number of those positions)."""
     device = next(model.parameters()).device
     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    if "position_ids" in batch:  # packed rows: no attention mask, no cache (see `packing`)
+        inputs = packing.model_inputs(batch)
+    else:
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     with autocast:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = model(**inputs).logits
     labels = batch["labels"][:, 1:]  # (B, T-1): position t predicts token t+1
     logits = logits[:, :-1]  # (B, T-1, V)
     mask = labels != -100
@@ -183,7 +188,7 @@ def train(
     Args:
         model: The base model record, or a model folder (the `model` field).
         lora: The adapter's LoraConfig (`recipe.lora_config` gives the trainer's defaults).
-        data: The data record, or the training file (the `data` field).
+        data: The data record, or the training files (the `data` field: a path or a list).
         optim: Steps, batches and optimizer settings.
         run: Output folder, logging, checkpoints, seed.
         **flags: Fields of any record, by name (r, lr, max_steps, out, use_dora, ...).
@@ -204,8 +209,9 @@ def train(
     random.seed(seed)
     torch.manual_seed(seed)
 
+    train_rows, val_rows = read_data(recipe.data, seed)  # every row checked before the model loads
     peft_model, tokenizer = build_model(recipe, ctx.device)
-    train_set, val_set = load_data(recipe.data, tokenizer, seed)
+    train_set, val_set = tokenize_data(recipe.data, train_rows, val_rows, tokenizer, peft_model)
     ckpt = latest_checkpoint(out_dir) if recipe.run.resume else None
     if ckpt is not None:  # the adapter's weights before sharding, the rest once the optimizer exists
         _, tensors = adapter_format.read_adapter(ckpt)
@@ -241,10 +247,11 @@ def train(
     for step, indices in enumerate(global_batches(len(train_set), global_batch, seed, start, total_steps), start):
         mine = indices[ctx.rank::ctx.world]  # this rank's share, split into micro-batches
         micro = [mine[i:i + optim.batch_size] for i in range(0, len(mine), optim.batch_size)]
-        batches = [data_mod.collate([train_set[j] for j in m], pad_id) for m in micro]
+        parts = [[train_set[j] for j in m] for m in micro]
+        batches = [make_batch(part, pad_id) for part in parts]
         last_loss, grad_norm = optimizer_step(net, peft_model, batches, ctx, autocast, params, optimizer, scheduler,
                                               optim.grad_clip)
-        tokens_seen += int(ctx.sum(sum(int(b["attention_mask"].sum()) for b in batches)))
+        tokens_seen += int(ctx.sum(sum(real_tokens(part) for part in parts)))
         done = step + 1
         elapsed = time.perf_counter() - t0
         if ctx.main:
@@ -297,7 +304,7 @@ def resolve_recipe(model, lora, data, optim, run, flags: dict[str, Any]) -> Reci
     if isinstance(model, str):
         flags = {"model": model} | flags
         model = None
-    if isinstance(data, str):
+    if isinstance(data, (str, list, tuple)):
         flags = {"data": data} | flags
         data = None
     given = {name: record for name, record in
@@ -322,14 +329,40 @@ def build_model(recipe: Recipe, device: torch.device) -> tuple[PeftModel, Any]:
     return peft_model, tokenizer
 
 
-def load_data(settings: DataSettings, tokenizer, seed: int) -> tuple[list[dict], list[dict]]:
-    """The tokenized training and validation examples."""
-    train_raw, val_raw = data_mod.load_splits(settings.data, val_path=settings.val_data,
-                                              val_fraction=0.0 if settings.val_data else settings.val_fraction,
-                                              seed=seed)
-    train_set = data_mod.tokenize_examples(train_raw, tokenizer, settings.max_seq_len)
-    val_set = data_mod.tokenize_examples(val_raw, tokenizer, settings.max_seq_len) if val_raw else []
+def read_data(settings: DataSettings, seed: int):
+    """The training and validation rows (memory-mapped `datasets.Dataset`s), every row's shape
+    checked (`data.load_data`).
+
+    Raises:
+        data.DataError: a missing or malformed file (file, row, what is wrong).
+    """
+    return data_mod.load_data(settings.data, val=settings.val_data or None,
+                              val_fraction=0.0 if settings.val_data else settings.val_fraction, seed=seed,
+                              fields=settings.data_field or None)
+
+
+def tokenize_data(settings: DataSettings, train_rows, val_rows, tokenizer, model) -> tuple[list[dict], list[dict]]:
+    """The tokenized training examples (packed into rows with `settings.packing`, after checking
+    the model keeps packed examples apart) and validation examples (never packed)."""
+    train_set = data_mod.tokenize_examples(train_rows, tokenizer, settings.max_seq_len)
+    val_set = data_mod.tokenize_examples(val_rows, tokenizer, settings.max_seq_len) if len(val_rows) else []
+    if settings.packing:
+        packing.check_packing_support(model)
+        train_set = packing.pack_examples(train_set, settings.max_seq_len)
     return train_set, val_set
+
+
+def make_batch(features: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """A batch of examples (padded, with an attention mask), or of packed rows (they carry
+    "lengths": position ids restarting per example, no mask; see `packing`)."""
+    if features and "lengths" in features[0]:
+        return packing.collate_packed(features, pad_id)
+    return data_mod.collate(features, pad_id)
+
+
+def real_tokens(features: list[dict]) -> int:
+    """Tokens of the examples in `features`, padding left out."""
+    return sum(len(f["input_ids"]) for f in features)
 
 
 def optimizer_step(net, peft_model, batches: list[dict[str, torch.Tensor]], ctx: Dist, autocast, params, optimizer,

@@ -51,17 +51,24 @@ class DataSettings:
     """The training and validation examples.
 
     Args:
-        data: Training data: a JSON Lines file of Alpaca ({instruction, input, output}), chat
-            ({messages}) or plain ({text}) records.
-        val_data: Validation file; otherwise --val-fraction of the training data is held out.
+        data: Training data, comma-separated files, folders or globs: .jsonl, .json (lines or an
+            array), .parquet, .csv or a datasets.save_to_disk folder, of Alpaca ({instruction,
+            input, output}), chat ({messages}), plain ({text}) or TRL prompt/completion rows.
+        val_data: Validation files; otherwise --val-fraction of the training data is held out.
         val_fraction: Share of the training data held out for validation when --val-data is not given.
+        data_field: Map other column names onto a row shape: comma-separated field=column pairs
+            (e.g. instruction=question,output=answer).
         max_seq_len: Longer examples are truncated to this many tokens.
+        packing: Pack examples into rows of --max-seq-len tokens (positions restart per example,
+            no attention across examples; the loss covers the same response tokens).
     """
 
-    data: str = ""
-    val_data: str | None = None
+    data: str | list[str] = ""
+    val_data: str | list[str] | None = None
     val_fraction: float = 0.05
+    data_field: dict[str, str] = field(default_factory=dict)
     max_seq_len: int = 512
+    packing: bool = False
 
 
 @dataclass
