@@ -72,3 +72,16 @@ def test_unknown_command_and_overview(capsys):
     assert "unknown command 'nope'" in capsys.readouterr().err
     assert cli.main([]) == 0
     assert "train" in capsys.readouterr().out
+
+
+def test_version_and_suggestions_for_mistypes(capsys):
+    import lorakit
+
+    assert cli.main(["--version"]) == 0 and capsys.readouterr().out.strip() == f"lorakit {lorakit.__version__}"
+    assert cli.main(["trian"]) == 2 and "did you mean 'train'?" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        cli.parse("train", ["--data", "x.jsonl", "--learning-rat", "1e-3"])
+    assert exit_info.value.code == 2 and "unrecognized argument '--learning-rat'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.parse("train", ["--data", "x.jsonl", "--max-step", "3", "--lora-alfa", "8"])
+    assert "unrecognized argument '--lora-alfa'; did you mean --lora-alpha?" in capsys.readouterr().err

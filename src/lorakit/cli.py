@@ -272,13 +272,32 @@ def parse(name: str, argv: list[str]) -> dict[str, Any]:
                 if not action.option_strings:
                     action.nargs = "?"
         parser.set_defaults(**values)
-    args = vars(parser.parse_args(argv))
+    namespace, unknown = parser.parse_known_args(argv)
+    if unknown:
+        import difflib
+
+        flags = [o for action in parser._actions for o in action.option_strings if o.startswith("--")]
+        close = difflib.get_close_matches(unknown[0].split("=")[0], flags, n=1)
+        parser.error(f"unrecognized argument {unknown[0]!r}" + (f"; did you mean {close[0]}?" if close else ""))
+    args = vars(namespace)
     args.pop("_config_file")
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("--version", "-V"):
+        from . import __version__
+
+        print(f"lorakit {__version__}")
+        return 0
+    if argv and argv[0] not in COMMANDS and not argv[0].startswith("-"):
+        import difflib
+
+        close = difflib.get_close_matches(argv[0], list(COMMANDS), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else f"; the commands are {', '.join(COMMANDS)}"
+        print(f"lorakit: unknown command {argv[0]!r}{hint}", file=sys.stderr)
+        return 2
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         lines = ["usage: lorakit <command> [flags]   (lorakit <command> --help for its flags)", "", "commands:"]
         for name in COMMANDS:

@@ -127,6 +127,8 @@ def test_checkpoint_resume_equals_uninterrupted(setup, tmp_path):
     assert ref.keys() == got.keys()
     for k in ref:
         torch.testing.assert_close(got[k], ref[k], rtol=1e-4, atol=1e-5)
+    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert steps == list(range(1, 41))  # each step once, though steps after the checkpoint ran twice
 
 
 def test_torchrun_two_processes_match_one(setup, tmp_path):

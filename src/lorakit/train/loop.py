@@ -233,7 +233,7 @@ def train(
         write_run_config(out_dir, recipe, device=str(ctx.device), world_size=ctx.world, global_batch=global_batch,
                          total_steps=total_steps, train_examples=len(train_set), val_examples=len(val_set),
                          base_bytes_per_rank=[int(b) for b in base_bytes])
-    metrics = open(out_dir / "metrics.jsonl", "a") if ctx.main else None
+    metrics = open_metrics(out_dir / "metrics.jsonl", start) if ctx.main else None
     autocast = devices.autocast(ctx.device, recipe.model.precision)
     pad_id = data_mod.pad_token_id(tokenizer)
     run = recipe.run
@@ -405,6 +405,23 @@ def write_run_config(out_dir: Path, recipe: Recipe, **resolved: Any) -> None:
     settings = recipe.to_flags()
     settings["target_modules"] = recipe.lora.target_modules
     atomic_write(out_dir / "run_config.yaml", yaml.safe_dump(settings | resolved, sort_keys=False).encode())
+
+
+def open_metrics(path: Path, start: int):
+    """metrics.jsonl for appending, holding only the records of steps up to `start` (those a
+    resumed run does not redo; none for a new run), so that each step is there once."""
+    if path.exists():
+        kept = [line for line in path.read_text().splitlines(keepends=True)
+                if line.strip() and _record_step(line) <= start]
+        atomic_write(path, "".join(kept).encode())
+    return open(path, "a")
+
+
+def _record_step(line: str) -> int:
+    try:
+        return int(json.loads(line).get("step", 0))
+    except (ValueError, AttributeError):  # a line cut short by a kill: dropped
+        return 1 << 62
 
 
 def _log_eval(metrics, bar, step: int, val_loss: float) -> None:
