@@ -87,3 +87,15 @@ def test_the_readme_import_works():
     import lorakit.train
 
     assert lorakit.train.train is train and lorakit.train.lora_config is lora_config
+
+
+def test_flags_over_a_given_lora_config_keep_its_other_fields():
+    from lorakit.train.loop import resolve_recipe
+
+    given = LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True, task_type="SEQ_CLS", lora_dropout=0.0)
+    recipe = resolve_recipe(None, given, "x.jsonl", None, None, {"lr": 1e-3, "r": 8})
+    assert recipe.lora.fan_in_fan_out and recipe.lora.task_type == "SEQ_CLS" and recipe.lora.lora_dropout == 0.0
+    assert recipe.lora.r == 8 and recipe.optim.lr == 1e-3 and recipe.data.data == "x.jsonl"
+    assert given.r == 4  # the caller's record is not changed
+    with pytest.raises(TypeError, match="unknown training settings"):
+        recipe.replace(learning_rate=1.0)

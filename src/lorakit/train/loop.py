@@ -178,7 +178,7 @@ def train(
     run: RunSettings | None = None,
     **flags: Any,
 ) -> dict[str, Any]:
-    """Fine-tune a LoRA adapter on a JSON Lines file and save it.
+    """Fine-tune a LoRA adapter on your data (JSON Lines, JSON, Parquet, CSV, a datasets folder) and save it.
 
     Takes the five records of a `Recipe` (each defaulting to its record's defaults), and any
     field of them by its flat name, which overrides the records: `train(data="my.jsonl", r=16)`

@@ -136,10 +136,14 @@ def lora_config(**fields: Any) -> LoraConfig:
     Raises:
         lorakit.ConfigError: a field has a bad value (see `LoraConfig`).
     """
-    targets = fields.get("target_modules")
-    if isinstance(targets, list) and targets == ["all-linear"]:
-        fields["target_modules"] = "all-linear"
-    return LoraConfig(**(LORA_DEFAULTS | fields))
+    return LoraConfig(**(LORA_DEFAULTS | _normalise_lora_fields(fields)))
+
+
+def _normalise_lora_fields(fields: dict[str, Any]) -> dict[str, Any]:
+    """A one-item `target_modules` of "all-linear" (how the CLI's comma list gives it) as the string."""
+    if fields.get("target_modules") == ["all-linear"]:
+        return fields | {"target_modules": "all-linear"}
+    return fields
 
 
 @dataclass(frozen=True)
@@ -184,21 +188,28 @@ class Recipe:
             TypeError: a name no record has (the closest names are not guessed here; the CLI
                 refuses unknown flags before this).
         """
-        owners = {name: section for section in SECTIONS for name in section.field_names()}
+        return cls().replace(**flags)
+
+    def replace(self, **flags: Any) -> Recipe:
+        """A copy with some flat-named fields changed; every other field, the LoRA record's
+        trainer-set ones included (task_type, fan_in_fan_out, ...), is kept.
+
+        Raises:
+            TypeError: a name no record has.
+        """
+        owners = {name: section.name for section in SECTIONS for name in section.field_names()}
         unknown = sorted(set(flags) - set(owners))
         if unknown:
             raise TypeError(f"unknown training settings {unknown}; each must be a field of "
                             + ", ".join(s.record.__name__ for s in SECTIONS))
-        parts: dict[str, dict[str, Any]] = {section.name: {} for section in SECTIONS}
-        for name, value in flags.items():
-            parts[owners[name].name][name] = value
-        return cls(model=ModelSettings(**parts["model"]), lora=lora_config(**parts["lora"]),
-                   data=DataSettings(**parts["data"]), optim=OptimSettings(**parts["optim"]),
-                   run=RunSettings(**parts["run"]))
-
-    def replace(self, **flags: Any) -> Recipe:
-        """A copy with some flat-named fields changed (as `from_flags` reads them)."""
-        return Recipe.from_flags(**(self.to_flags() | flags))
+        changed = {}
+        for section in SECTIONS:
+            mine = {name: value for name, value in flags.items() if owners[name] == section.name}
+            if mine:
+                if section.name == "lora":
+                    mine = _normalise_lora_fields(mine)
+                changed[section.name] = dataclasses.replace(getattr(self, section.name), **mine)
+        return dataclasses.replace(self, **changed)
 
     def to_flags(self) -> dict[str, Any]:
         """Every field, flat, by flag name (the LoRA record's fields the trainer sets left out)."""
