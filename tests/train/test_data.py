@@ -599,3 +599,16 @@ def test_a_save_to_disk_folder_is_read_not_written(tmp_path):
     before = sorted(p.name for p in folder.iterdir())
     assert load(folder, tmp_path) == [chat]
     assert sorted(p.name for p in folder.iterdir()) == before
+
+
+@pytest.mark.parametrize("form", ["lines", "array"])
+def test_date_like_strings_stay_as_written(tmp_path, form):
+    # Arrow's JSON reader would turn these into dates and timestamps; a target must stay as written.
+    rows = [{"instruction": "iso", "input": "5 March 2021", "output": "2021-03-05"},
+            {"instruction": "iso", "input": "noon", "output": "2021-03-05T12:00:00"},
+            {"messages": [{"role": "user", "content": "when"}, {"role": "assistant", "content": "1999-12-31"}]}]
+    path = tmp_path / ("d.jsonl" if form == "lines" else "d.json")
+    path.write_text("\n".join(json.dumps(r) for r in rows) if form == "lines" else json.dumps(rows))
+    loaded = list(data.iter_examples(data.load_dataset_files(path, cache_dir=tmp_path / "cache")))
+    assert [r.get("output") for r in loaded] == ["2021-03-05", "2021-03-05T12:00:00", None]
+    assert loaded[2]["messages"][1]["content"] == "1999-12-31"

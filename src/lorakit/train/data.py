@@ -391,7 +391,12 @@ def _read_file(path: Path, renames: Mapping[str, str], cache_dir: str | None) ->
             raise DataError(path, None, "empty file: no examples")
         options["features"] = datasets.Features({name: datasets.Value("string") for name in header})
     try:
-        return datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=cache_dir, **options)
+        dataset = datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=cache_dir, **options)
+        if builder == "json":
+            dataset = _read_json_as_written(path, dataset.data.schema, cache_dir) or dataset
+        return dataset
+    except DataError:
+        raise
     except Exception as error:  # datasets wraps the parser's error in its own (DatasetGenerationError, ValueError)
         # JSON Lines: read strictly, which raises at the first bad line with its number.
         json_lines = builder == "json" and not _starts_with(path, b"[")
@@ -399,6 +404,55 @@ def _read_file(path: Path, renames: Mapping[str, str], cache_dir: str | None) ->
             raise DataError(path, None, "empty file: no examples") from None
         cause = error.__cause__ or error
         raise DataError(path, None, f"cannot be read as {builder}: {cause}") from error
+
+
+def _as_text(kind):
+    """`kind` with every date, time or timestamp type inside it (struct fields, list items) made string."""
+    import pyarrow as pa
+
+    if pa.types.is_temporal(kind):
+        return pa.string()
+    if pa.types.is_struct(kind):
+        return pa.struct([field.with_type(_as_text(field.type)) for field in kind])
+    if pa.types.is_list(kind):
+        return pa.list_(kind.value_field.with_type(_as_text(kind.value_type)))
+    if pa.types.is_large_list(kind):
+        return pa.large_list(kind.value_field.with_type(_as_text(kind.value_type)))
+    return kind
+
+
+def _read_json_as_written(path: Path, schema, cache_dir: str | None) -> Dataset | None:
+    """A JSON (Lines) file whose strings Arrow read as dates or timestamps, re-read as written.
+
+    Arrow's JSON reader infers dates and timestamps from strings that look like them, and
+    turning those back into text changes them ("2021-03-05T10:00" -> "2021-03-05 10:00:00");
+    a training target must stay byte for byte as written. Here Python's json module reads the
+    rows into the same columns with those types made string, one row at a time for JSON Lines,
+    to a memory-mapped Arrow file in datasets' cache. None when no column needs it.
+    """
+    import datasets
+    import pyarrow as pa
+
+    text = pa.schema([field.with_type(_as_text(field.type)) for field in schema])
+    if text == schema:
+        return None
+    stat = path.stat()
+    return datasets.Dataset.from_generator(
+        _json_rows, features=datasets.Features.from_arrow_schema(text), cache_dir=cache_dir,
+        gen_kwargs={"path": str(path), "columns": tuple(text.names),  # a list would be split into shards
+                    "version": (stat.st_mtime_ns, stat.st_size)})
+
+
+def _json_rows(path: str, columns: tuple[str, ...], version: tuple[int, int]) -> Iterator[dict]:
+    """Each row of a JSON array or JSON Lines file, every column present (`version` only keys datasets' cache)."""
+    source = Path(path)
+    if _starts_with(source, b"["):
+        with source.open(encoding="utf-8") as handle:
+            rows: Iterable = json.load(handle)
+    else:
+        rows = (json.loads(raw) for raw in source.open("rb") if raw.strip())
+    for row in rows:
+        yield {name: row.get(name) for name in columns}
 
 
 def _line_of_row(path: Path, row: int) -> tuple[int, str] | None:
