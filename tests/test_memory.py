@@ -205,6 +205,72 @@ def test_storage_formulas():
         memory.optimizer_bytes([1], "adam")
 
 
+# --- several processes: per rank -------------------------------------------------------------------
+
+# FSDP's units on TINY: the root's own parameters (embedding 3200, final norm 32, head 3200) and
+# each decoder layer (9280, of which 9216 in Linear weights; LoRA q,v 896).
+ROOT, LAYER, LAYER_LORA = 6432, 9280, 512 + 384
+LAYER_NF4 = 2 * 536 + 2 * 272 + 3 * 1064  # 4808: the layer's Linear weights in NF4 (double quant)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_one_process_is_the_same_estimate_whatever_the_strategy(strategy):
+    single = tiny_estimate().to_dict()["estimates"]
+    assert tiny_estimate(world_size=1, strategy=strategy).to_dict()["estimates"] == single
+    assert single["lora"]["base"] == 2 * TOTAL and single["qlora"]["base"] == single["qlora"]["weights"] - 4 * LORA
+
+
+def test_ddp_keeps_a_whole_replica_per_rank_plus_the_gradient_buckets():
+    single, ddp = tiny_estimate().breakdowns, tiny_estimate(world_size=8, strategy="ddp").breakdowns
+    for mode in ("full", "lora", "qlora"):
+        one, rank = single[mode], ddp[mode]
+        assert (rank.weights, rank.base, rank.gradients, rank.optimizer, rank.activations) == (
+            one.weights, one.base, one.gradients, one.optimizer, one.activations)
+        assert rank.buckets == one.gradients and rank.gathered == 0
+        assert rank.total == one.total + one.gradients
+    assert ddp["lora"].buckets == 4 * LORA and ddp["full"].buckets == 2 * TOTAL
+
+
+@pytest.mark.parametrize("world", [2, 8])
+def test_fsdp_shards_weights_gradients_and_optimizer_and_gathers_one_layer(world):
+    single, fsdp = tiny_estimate().breakdowns, tiny_estimate(world_size=world, strategy="fsdp").breakdowns
+    for mode in ("full", "lora", "qlora"):
+        one, rank = single[mode], fsdp[mode]
+        assert rank.base == one.base / world  # the frozen base (the 4-bit storage for QLoRA) split N ways
+        assert (rank.weights, rank.gradients, rank.optimizer) == (one.weights / world, one.gradients / world,
+                                                                  one.optimizer / world)
+        assert (rank.activations, rank.logits, rank.scratch) == (one.activations, one.logits, one.scratch)
+        assert rank.buckets == 0
+    # gathered whole: the root's parameters (and full FT's gradients of them) and the largest layer's, bf16
+    assert fsdp["full"].gathered == 2 * ROOT + 2 * ROOT + 2 * LAYER + 2 * LAYER
+    assert fsdp["lora"].gathered == 2 * ROOT + (2 * LAYER + 4 * LAYER_LORA) + 4 * LAYER_LORA
+    assert fsdp["qlora"].gathered == 2 * ROOT + (LAYER_NF4 + 2 * (LAYER - 9216) + 4 * LAYER_LORA) + 4 * LAYER_LORA
+    assert fsdp["qlora"].base == (2 * LAYER_NF4 + 2 * (TOTAL - QUANTIZED)) / world
+
+
+def test_fsdp_per_rank_memory_falls_with_the_world_size_on_a_7b_model():
+    config = preset_config("Llama-2-7B")
+    totals = [memory.estimate(config, world_size=n, strategy="fsdp").breakdowns["lora"].total for n in (1, 2, 8)]
+    assert totals[0] > totals[1] > totals[2]
+    ddp = memory.estimate(config, world_size=8, strategy="ddp").breakdowns["lora"]
+    assert ddp.total > totals[0]  # DDP adds buckets to a whole replica
+
+
+def test_cli_world_size_and_strategy(capsys):
+    assert main(["memory", "Llama-2-7B", "--world-size", "8", "--strategy", "fsdp", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert (data["settings"]["world_size"], data["settings"]["strategy"]) == (8, "fsdp")
+    assert data["estimates"]["lora"]["gathered"] > 0 and "Per rank of 8 (FSDP2)" in data["convention"]
+    assert main(["memory", "Llama-2-7B", "--world-size", "2", "--strategy", "ddp"]) == 0
+    out = capsys.readouterr().out
+    assert "per rank of 2 processes, ddp" in out and "DDP grad buckets" in out and "total per rank" in out
+    assert "FSDP gathered" not in out
+    assert main(["memory", "Llama-2-7B", "--world-size", "0"]) == 2
+    assert "world_size must be >= 1" in capsys.readouterr().err
+    assert main(["memory", "Llama-2-7B"]) == 0
+    assert "per rank" not in capsys.readouterr().out  # one process: today's table
+
+
 # --- the command -------------------------------------------------------------------------------------
 
 def test_json_output(capsys):
@@ -217,7 +283,9 @@ def test_json_output(capsys):
     assert "Pure bf16" in data["convention"]
     for mode in ("full", "lora", "qlora"):
         parts = data["estimates"][mode]
-        assert set(parts) == {"weights", "gradients", "optimizer", "activations", "logits", "scratch", "total"}
+        assert set(parts) == {"weights", "gradients", "optimizer", "activations", "logits", "scratch", "base",
+                              "buckets", "gathered", "total"}
+        assert parts["buckets"] == parts["gathered"] == 0  # one process
         expected = parts["weights"] + parts["optimizer"] + max(
             parts["gradients"], parts["activations"] + max(parts["logits"], parts["scratch"]))
         assert abs(parts["total"] - expected) <= 2  # rounding of each part

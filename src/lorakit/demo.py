@@ -1,6 +1,6 @@
 """The main job: fine-tune the embedded model on lorakit's shipped task and show what it learned.
 
-Usage: lorakit demo [--out runs/demo] [--steps 30]      (or: make demo)
+Usage: lorakit demo [--out runs/demo] [--steps 30] [--device cuda]      (or: make demo)
 
 1. Generate the order-extraction task (sentence -> fixed JSON record; see train/tasks.py):
    a training set and 100 held-out examples, written as Alpaca JSON Lines.
@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from . import devices
 
 
 def peak_rss_gib() -> float:
@@ -53,6 +55,8 @@ def demo(
     eval_batch_size: int = 100,
     seed: int = 0,
     show: int = 3,
+    device: devices.DeviceName = "auto",
+    dtype: devices.DtypeName = "auto",
 ) -> dict[str, Any]:
     """Run the main job end to end: score, fine-tune, reload, score again.
 
@@ -71,9 +75,16 @@ def demo(
         eval_batch_size: Prompts per generation batch.
         seed: Seed for the task, data order and initialisation.
         show: How many before/after examples to print.
+        device: auto (CUDA when present, then MPS, then CPU), cpu, cuda or mps, for scoring and training.
+        dtype: The base model's dtype: auto is bf16 on CUDA and fp32 elsewhere; the adapter stays fp32.
 
     Returns:
-        The figures: scores before and after, seconds per phase, peak memory.
+        The figures: scores before and after, seconds per phase, peak memory (peak RSS; on
+        CUDA also peak_cuda_gib, torch.cuda.max_memory_allocated), the device.
+
+    Raises:
+        lorakit.devices.DeviceError: an unknown device or dtype, or a device this machine lacks
+            (before any work).
     """
     from .hub import load_model_and_tokenizer
     from .files import atomic_write
@@ -81,6 +92,8 @@ def demo(
     from .train import data, tasks
     from .train.loop import train
 
+    target = devices.resolve_device(device)
+    torch_dtype = devices.resolve_dtype(dtype, target)
     torch.manual_seed(seed)
     start = time.perf_counter()
     out_dir = Path(out)
@@ -88,7 +101,7 @@ def demo(
     held_out = data.read_jsonl(eval_path)
     print(f"task: {tasks.TASK_NAME}: {n_train} training / {len(held_out)} held-out examples in {out_dir / 'data'}")
 
-    base, tokenizer = load_model_and_tokenizer(model)
+    base, tokenizer = load_model_and_tokenizer(model, dtype=torch_dtype, device=target)
     t = time.perf_counter()
     before, before_score = score_model(base, tokenizer, held_out, max_new_tokens, eval_batch_size)
     eval_before_s = time.perf_counter() - t
@@ -98,11 +111,12 @@ def demo(
     t = time.perf_counter()
     summary = train(data=str(train_path), out=str(out_dir), model=model, val_fraction=0.05, r=r, lora_alpha=lora_alpha,
                     target_modules=target_modules or ["all-linear"], lora_dropout=0.0, max_steps=steps,
-                    batch_size=batch_size, lr=lr, warmup_steps=max(1, steps // 6), max_seq_len=160, seed=seed)
+                    batch_size=batch_size, lr=lr, warmup_steps=max(1, steps // 6), max_seq_len=160, seed=seed,
+                    device=device, dtype=dtype)
     train_s = time.perf_counter() - t
 
-    base, tokenizer = load_model_and_tokenizer(model)
-    tuned = PeftModel.from_pretrained(base, summary["adapter"])  # reloaded from disk
+    base, tokenizer = load_model_and_tokenizer(model, dtype=torch_dtype)
+    tuned = PeftModel.from_pretrained(base, summary["adapter"]).to(target)  # reloaded from disk
     t = time.perf_counter()
     after, after_score = score_model(tuned, tokenizer, held_out, max_new_tokens, eval_batch_size)
     eval_after_s = time.perf_counter() - t
@@ -119,8 +133,10 @@ def demo(
         "exact_match_before": before_score.exact_match, "exact_match_after": after_score.exact_match,
         "train_steps": steps, "train_seconds": round(train_s, 1), "eval_before_seconds": round(eval_before_s, 1),
         "eval_after_seconds": round(eval_after_s, 1), "total_seconds": round(total_s, 1),
-        "peak_rss_gib": round(peak_rss_gib(), 2), "adapter": summary["adapter"],
+        "peak_rss_gib": round(peak_rss_gib(), 2), "adapter": summary["adapter"], "device": str(target),
     }
+    if target.type == "cuda":
+        results["peak_cuda_gib"] = round(torch.cuda.max_memory_allocated(target) / 2**30, 2)
     atomic_write(out_dir / "demo_results.json", (json.dumps(results, indent=2) + "\n").encode())
     print("\n" + "=" * 78)
     print(f"exact match on {len(held_out)} held-out examples: before {100 * before_score.exact_match:.0f}%"

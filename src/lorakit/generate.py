@@ -1,15 +1,14 @@
 """Text generation from a base model plus an optional adapter, streamed to the terminal.
 
 Usage: lorakit generate "Write a haiku about autumn" [--adapter out/adapter] [--temperature 0.7]
+       lorakit generate "..." --device cuda            (bf16 base on CUDA unless --dtype says otherwise)
 """
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 
-from . import prompts
+from . import devices, prompts
 
 
 def generate(
@@ -22,7 +21,8 @@ def generate(
     temperature: float = 0.0,
     top_p: float = 1.0,
     seed: int = 0,
-    dtype: Literal["fp32", "bf16"] = "fp32",
+    device: devices.DeviceName = "auto",
+    dtype: devices.DtypeName = "auto",
 ) -> str:
     """Generate a continuation of a prompt (or an answer to a chat message), streamed as it comes.
 
@@ -36,21 +36,29 @@ def generate(
         temperature: 0 for greedy decoding; above 0 samples.
         top_p: Nucleus sampling threshold (with temperature > 0).
         seed: Random seed for sampling.
-        dtype: Weights' precision.
+        device: auto (CUDA when present, then MPS, then CPU), cpu, cuda or mps.
+        dtype: The base model's dtype: auto is bf16 on CUDA and fp32 elsewhere; the adapter stays fp32.
 
     Returns:
         The generated text (without the prompt).
+
+    Raises:
+        lorakit.devices.DeviceError: an unknown device or dtype, or a device this machine lacks
+            (before the model loads).
     """
     from transformers import TextStreamer
 
     from .hub import load_model_and_tokenizer
     from .peft_model import PeftModel
 
+    target = devices.resolve_device(device)
+    torch_dtype = devices.resolve_dtype(dtype, target)
     torch.manual_seed(seed)
-    base, tokenizer = load_model_and_tokenizer(model, dtype=torch.bfloat16 if dtype == "bf16" else torch.float32)
+    base, tokenizer = load_model_and_tokenizer(model, dtype=torch_dtype)
     net = PeftModel.from_pretrained(base, adapter) if adapter else base
+    net.to(target)
     net.eval()
-    input_ids = encode_prompt(tokenizer, prompt, chat=chat, system=system)
+    input_ids = encode_prompt(tokenizer, prompt, chat=chat, system=system).to(target)
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id  # 0 is a valid id
     sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
@@ -75,7 +83,7 @@ def generate_batch(model, tokenizer, prompts: list[list[int]], max_new_tokens: i
     """Greedy completions of many tokenized prompts, in left-padded batches.
 
     Args:
-        model: A transformers model or PeftModel.
+        model: A transformers model or PeftModel (the prompts go to the device of its parameters).
         tokenizer: Its tokenizer (for the pad/EOS ids and decoding).
         prompts: Token ids of each prompt (e.g. from `lorakit.prompts.encode_prompt`).
         max_new_tokens: Most tokens generated per prompt.
@@ -87,6 +95,7 @@ def generate_batch(model, tokenizer, prompts: list[list[int]], max_new_tokens: i
     """
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     model.eval()
+    device = next(model.parameters()).device
     texts: list[str] = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
@@ -97,6 +106,7 @@ def generate_batch(model, tokenizer, prompts: list[list[int]], max_new_tokens: i
             input_ids[row, width - len(ids):] = torch.tensor(ids)
             attention_mask[row, width - len(ids):] = 1
         extra = {"adapter_names": adapter_names[start:start + batch_size]} if adapter_names else {}
+        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
         out = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
                              do_sample=False, pad_token_id=pad_id, **extra)
         texts += tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)

@@ -3,6 +3,7 @@
 Usage: lorakit memory MODEL [--r 8] [--target-modules q_proj,v_proj] [--dtype bf16]
        [--optimizer adamw] [--batch-size 1] [--seq-len 2048] [--gradient-checkpointing]
        [--no-double-quant] [--attention sdpa] [--lora-inputs auto] [--json]
+       [--world-size 8 --strategy ddp|fsdp]
 
 MODEL is a preset (`lorakit.presets`: Llama-2-7B, Mistral-7B, Llama-3-8B, Qwen2.5-7B,
 SmolLM2-135M), a local model folder, or its `config.json`. Nothing is downloaded and no weight
@@ -31,6 +32,18 @@ gradients fill in while backward frees the activations; the logits' buffers are 
 the first decoder layer runs backward, which is when the scratch (that layer's gradients, and
 with checkpointing its recomputed activations) is live.
 
+Several processes (`--world-size N`, each with its own micro-batch of `--batch-size`), per rank:
+- ddp: every rank holds the whole model, gradients and optimizer states, plus DDP's gradient
+  buckets (a second copy of the trainable parameters' gradients, which are all-reduced from them);
+- fsdp (FSDP2, per decoder layer and the root, as `train.distributed.shard`): the weights (the
+  frozen base, a 4-bit base's packed storage included, and the LoRA factors), gradients and
+  optimizer states are split across ranks, 1/N each, plus what is gathered whole while the first
+  decoder layer runs backward: the root's own parameters (embeddings, final norm, head: the root
+  stays gathered from its forward to the end of backward) and the largest decoder layer's,
+  with their not yet reduce-scattered gradients;
+- activations, logits and scratch are those of one rank's micro-batch, as in one process.
+    total = weights + optimizer + buckets + gathered + max(gradients, activations + max(logits, scratch))
+
 Activations follow Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large
 Transformer Models": s·b·h·(34 + 5·a·s/h) bytes per layer in 16-bit), redone tensor by tensor
 for the Llama block (RMSNorm, GQA attention through SDPA/flash, SwiGLU MLP, no dropout): see
@@ -47,7 +60,7 @@ import contextlib
 import io
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -80,6 +93,9 @@ MODES: tuple[Mode, ...] = ("full", "lora", "qlora")
 MODE_TITLES = {"full": "full FT", "lora": "LoRA", "qlora": "QLoRA"}
 ROWS = {"weights": "weights", "gradients": "gradients", "optimizer": "optimizer states",
         "activations": "activations", "logits": "logits", "scratch": "backward scratch", "total": "total"}
+# rows shown only with several processes
+DISTRIBUTED_ROWS = {"base": "  of which base", "buckets": "DDP grad buckets", "gathered": "FSDP gathered"}
+STRATEGIES = ("ddp", "fsdp")
 
 # Linear layers of a Llama-style block, grouped by the tensor they read.
 QKV = frozenset({"q_proj", "k_proj", "v_proj"})
@@ -160,10 +176,53 @@ class ParamCounts:
     lora_tensors: list[int] = field(repr=False)  # numel of every LoRA factor
     quantized_tensors: list[int] = field(repr=False)  # numel of every Linear weight QLoRA stores in NF4
     llama_style: bool = True  # blocks have q/k/v/o and gate/up/down projections
+    units: list[Unit] = field(default_factory=list, repr=False)  # FSDP's: the root's own, then each decoder layer
 
     @property
     def quantized(self) -> int:
         return sum(self.quantized_tensors)
+
+
+@dataclass(frozen=True)
+class Unit:
+    """The parameters FSDP gathers together: one decoder layer, or the root's own (those in no layer).
+
+    base: numel of its frozen base parameters; quantized: numel of each of its Linear weights
+    QLoRA stores in NF4 (part of `base`); lora: numel of its LoRA factors.
+    """
+
+    base: int
+    quantized: tuple[int, ...]
+    lora: int
+
+
+def _units(peft_model, base_model, head: str | None) -> list[Unit]:
+    """[root's own, each decoder layer] (empty when the model names no decoder layer class)."""
+    import torch
+
+    names = set(getattr(base_model, "_no_split_modules", None) or [])
+    layers = [(path, m) for path, m in base_model.named_modules() if type(m).__name__ in names]
+    if not layers:
+        return []
+    prefixes = tuple(path + "." for path, _ in layers)
+
+    def unit(params: list, linears: list) -> Unit:
+        return Unit(base=sum(p.numel() for _, p in params if not p.requires_grad),
+                    quantized=tuple(m.weight.numel() for _, m in linears),
+                    lora=sum(p.numel() for _, p in params if p.requires_grad))
+
+    params = list(base_model.named_parameters())
+    linears = [(path, m) for path, m in base_model.named_modules()
+               if isinstance(m, torch.nn.Linear) and path != head and not _is_lora_factor(path)]
+    root = unit([(n, p) for n, p in params if not n.startswith(prefixes)],
+                [(n, m) for n, m in linears if not n.startswith(prefixes)])
+    return [root] + [unit([(n, p) for n, p in params if n.startswith(path + ".")],
+                          [(n, m) for n, m in linears if n.startswith(path + ".")]) for path, _ in layers]
+
+
+def _is_lora_factor(path: str) -> bool:
+    """A LoRA factor module's path (`....lora_A.default`), not a base Linear's."""
+    return ".lora_" in path
 
 
 def count_parameters(config, r: int = 8, target_modules: list[str] | str | None = None) -> ParamCounts:
@@ -204,9 +263,10 @@ def count_parameters(config, r: int = 8, target_modules: list[str] | str | None 
     with contextlib.redirect_stdout(buffer):
         peft_model.print_trainable_parameters()
     targets = sorted({path.rsplit(".", 1)[-1] for path, _ in peft_model.lora_layers()})
+    units = _units(peft_model, peft_model.get_base_model(), head)
     return ParamCounts(total=sum(base_tensors), lora=sum(lora_tensors), trainable_line=buffer.getvalue().strip(),
                        targets=targets, base_tensors=base_tensors, lora_tensors=lora_tensors,
-                       quantized_tensors=quantized, llama_style=BLOCK_LINEARS <= leaf_names)
+                       quantized_tensors=quantized, llama_style=BLOCK_LINEARS <= leaf_names, units=units)
 
 
 # --- storage per component --------------------------------------------------------------------
@@ -367,7 +427,11 @@ def activation_bytes(shape: Shape, batch_size: int, seq_len: int, dtype_bytes: i
 
 @dataclass
 class Breakdown:
-    """Bytes of each component for one way of training."""
+    """Bytes of each component for one way of training, on one rank.
+
+    `base` is the frozen base's part of `weights` (not added again); `buckets` (DDP) and
+    `gathered` (FSDP) are 0 in one process.
+    """
 
     weights: float
     gradients: float
@@ -375,11 +439,15 @@ class Breakdown:
     activations: float
     logits: float
     scratch: float
+    base: float = 0.0
+    buckets: float = 0.0
+    gathered: float = 0.0
 
     @property
     def total(self) -> float:
-        """Peak: weights + optimizer + max(gradients, activations + max(logits, scratch))."""
-        return self.weights + self.optimizer + max(self.gradients, self.activations + max(self.logits, self.scratch))
+        """Peak: weights + optimizer + buckets + gathered + max(gradients, activations + max(logits, scratch))."""
+        return (self.weights + self.optimizer + self.buckets + self.gathered
+                + max(self.gradients, self.activations + max(self.logits, self.scratch)))
 
 
 @dataclass
@@ -405,16 +473,18 @@ class MemoryEstimate:
 def estimate(config, r: int = 8, target_modules: list[str] | str | None = None, dtype: str = "bf16",
              optimizer: str = "adamw", batch_size: int = 1, seq_len: int = 2048,
              gradient_checkpointing: bool = False, double_quant: bool = True, attention: str = "sdpa",
-             lora_inputs: str = "auto", model_name: str | None = None) -> MemoryEstimate:
+             lora_inputs: str = "auto", model_name: str | None = None, world_size: int = 1,
+             strategy: str = "ddp") -> MemoryEstimate:
     """Estimate training memory of `config`'s model for full fine-tuning, LoRA and QLoRA.
 
     Args: as `memory`, plus `config` (a transformers config) and `model_name` (for display).
 
     Returns:
-        The estimate (bytes per component per mode).
+        The estimate (bytes per component per mode, on one rank of `world_size`).
 
     Raises:
-        ValueError: an unknown dtype, optimizer, attention or lora_inputs, or a bad model/targets.
+        ValueError: an unknown dtype, optimizer, attention, lora_inputs or strategy, a world size
+            below 1, fsdp for a model without decoder layer classes, or a bad model/targets.
     """
     if dtype not in DTYPE_BYTES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPE_BYTES)}, got {dtype!r}")
@@ -424,6 +494,10 @@ def estimate(config, r: int = 8, target_modules: list[str] | str | None = None, 
         raise ValueError(f"lora_inputs must be auto, saved or rebuilt, got {lora_inputs!r}")
     if batch_size < 1 or seq_len < 1:
         raise ValueError("batch_size and seq_len must be >= 1")
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be ddp or fsdp, got {strategy!r}")
     optimizer_bytes([], optimizer)  # validates the name
     if lora_inputs == "auto":
         lora_inputs = lorakit_lora_inputs()
@@ -439,22 +513,65 @@ def estimate(config, r: int = 8, target_modules: list[str] | str | None = None, 
     dequant_buffer = d * max(params.quantized_tensors, default=0)  # one 4-bit weight dequantized at a time
     lora_weights = FACTOR_BYTES * params.lora
     lora_optimizer = optimizer_bytes(params.lora_tensors, optimizer)
+    qlora_base = sum(nf4_bytes(n, double_quant) for n in params.quantized_tensors) + d * (params.total - params.quantized)
     breakdowns = {
         "full": Breakdown(weights=d * params.total, gradients=d * params.total,
                           optimizer=optimizer_bytes(params.base_tensors, optimizer),
-                          activations=full_acts.kept, logits=logits, scratch=full_acts.scratch),
+                          activations=full_acts.kept, logits=logits, scratch=full_acts.scratch, base=d * params.total),
         "lora": Breakdown(weights=d * params.total + lora_weights, gradients=lora_weights, optimizer=lora_optimizer,
-                          activations=lora_acts.kept, logits=logits, scratch=lora_acts.scratch),
-        "qlora": Breakdown(weights=sum(nf4_bytes(n, double_quant) for n in params.quantized_tensors)
-                           + d * (params.total - params.quantized) + lora_weights,
-                           gradients=lora_weights, optimizer=lora_optimizer, activations=lora_acts.kept,
-                           logits=logits, scratch=lora_acts.scratch + dequant_buffer),
+                          activations=lora_acts.kept, logits=logits, scratch=lora_acts.scratch, base=d * params.total),
+        "qlora": Breakdown(weights=qlora_base + lora_weights, gradients=lora_weights, optimizer=lora_optimizer,
+                           activations=lora_acts.kept, logits=logits, scratch=lora_acts.scratch + dequant_buffer,
+                           base=qlora_base),
     }
+    if world_size > 1:
+        breakdowns = {mode: per_rank(b, mode, params, d, double_quant, world_size, strategy)
+                      for mode, b in breakdowns.items()}
     settings = dict(r=r, target_modules=params.targets, dtype=dtype, optimizer=optimizer, batch_size=batch_size,
                     seq_len=seq_len, gradient_checkpointing=gradient_checkpointing, double_quant=double_quant,
-                    attention=attention, lora_inputs=lora_inputs, llama_style=params.llama_style)
+                    attention=attention, lora_inputs=lora_inputs, llama_style=params.llama_style,
+                    world_size=world_size, strategy=strategy)
     return MemoryEstimate(model=model_name or getattr(config, "name_or_path", "") or config.model_type,
                           params=params, settings=settings, breakdowns=breakdowns)
+
+
+def unit_bytes(unit: Unit, mode: str, d: int, double_quant: bool) -> tuple[float, float]:
+    """(parameter bytes, trainable-gradient bytes) of one FSDP unit gathered whole, for `mode`."""
+    if mode == "full":
+        return d * unit.base, d * unit.base
+    base = d * unit.base
+    if mode == "qlora":
+        base = sum(nf4_bytes(n, double_quant) for n in unit.quantized) + d * (unit.base - sum(unit.quantized))
+    return base + FACTOR_BYTES * unit.lora, FACTOR_BYTES * unit.lora
+
+
+def per_rank(single: Breakdown, mode: str, params: ParamCounts, d: int, double_quant: bool, world_size: int,
+             strategy: str) -> Breakdown:
+    """One rank's share of a one-process breakdown under `strategy` (see the module docstring).
+
+    Args:
+        single: The one-process breakdown (activations for one rank's micro-batch).
+        mode: "full", "lora" or "qlora".
+        params: The counts, with their FSDP units.
+        d: Bytes per base value.
+        double_quant: NF4 with double quantization.
+        world_size: Number of processes (> 1).
+        strategy: "ddp" or "fsdp".
+
+    Raises:
+        ValueError: fsdp for a model whose decoder layers are not known (no `_no_split_modules`).
+    """
+    if strategy == "ddp":  # whole replicas, plus the buckets the trainable gradients are reduced in
+        return replace(single, buckets=single.gradients)
+    if not params.units:
+        raise ValueError("--strategy fsdp: this model names no decoder layer class (_no_split_modules), "
+                         "so FSDP cannot split it into layers; use --strategy ddp")
+    root, layers = params.units[0], params.units[1:]
+    root_params, root_grads = unit_bytes(root, mode, d, double_quant)
+    layer_bytes = max((sum(unit_bytes(u, mode, d, double_quant)) for u in layers), default=0.0)
+    n = world_size
+    return replace(single, weights=single.weights / n, base=single.base / n, gradients=single.gradients / n,
+                   optimizer=single.optimizer / n, gathered=root_params + root_grads + layer_bytes)
 
 
 def convention(settings: dict[str, Any]) -> str:
@@ -476,6 +593,18 @@ def convention(settings: dict[str, Any]) -> str:
         "the logits' gradient).",
         "total = weights + optimizer + max(gradients, activations + max(logits, backward scratch)).",
     ]
+    world, strategy = settings.get("world_size", 1), settings.get("strategy", "ddp")
+    if world > 1:
+        extra = "DDP grad buckets" if strategy == "ddp" else "FSDP gathered"
+        lines[-1] = f"total per rank = weights + optimizer + {extra} + max(gradients, activations + max(logits, " \
+                    "backward scratch))."
+    if world > 1 and strategy == "ddp":
+        lines.append(f"Per rank of {world} (DDP): the whole model on each rank, plus gradient buckets (a copy of "
+                     "the trainable gradients); activations for one rank's micro-batch.")
+    elif world > 1:
+        lines.append(f"Per rank of {world} (FSDP2): weights (the 4-bit storage too), gradients and optimizer states "
+                     f"1/{world} each, plus the root's parameters (embeddings, norm, head) and the largest decoder "
+                     "layer's gathered whole with their gradients; activations for one rank's micro-batch.")
     if not settings["llama_style"]:
         lines.append("The activation formula is for Llama-style blocks; for this architecture it is approximate.")
     return "\n".join(lines)
@@ -494,9 +623,18 @@ def format_table(result: MemoryEstimate) -> str:
              f"{s['attention']} attention, gradient checkpointing {'on' if s['gradient_checkpointing'] else 'off'}, "
              f"NF4 {'with' if s['double_quant'] else 'without'} double quant",
              ""]
+    rows = dict(ROWS)
+    if s["world_size"] > 1:
+        lines.insert(-1, f"per rank of {s['world_size']} processes, {s['strategy']} "
+                         f"(each rank: a micro-batch of {s['batch_size']})")
+        rows = {"weights": ROWS["weights"], "base": DISTRIBUTED_ROWS["base"],
+                **{k: v for k, v in ROWS.items() if k not in ("weights", "total")},
+                ("buckets" if s["strategy"] == "ddp" else "gathered"): DISTRIBUTED_ROWS[
+                    "buckets" if s["strategy"] == "ddp" else "gathered"],
+                "total": "total per rank"}
     lines.append(f"{'':18s}" + "".join(f"{MODE_TITLES[m]:>20s}" for m in MODES))
     lines.append(f"{'':18s}" + "".join(f"{'GB':>10s}{'GiB':>10s}" for _ in MODES))
-    for key, title in ROWS.items():
+    for key, title in rows.items():
         row = f"{title:18s}"
         for mode in MODES:
             value = getattr(result.breakdowns[mode], key)
@@ -510,7 +648,7 @@ def memory(model: str, r: int = 8, target_modules: Optional[list[str]] = None,
            dtype: Literal["fp32", "bf16", "fp16"] = "bf16", optimizer: Literal["adamw", "adamw8bit", "sgd"] = "adamw",
            batch_size: int = 1, seq_len: int = 2048, gradient_checkpointing: bool = False, double_quant: bool = True,
            attention: Literal["sdpa", "eager"] = "sdpa", lora_inputs: Literal["auto", "saved", "rebuilt"] = "auto",
-           as_json: bool = False) -> dict[str, Any]:
+           world_size: int = 1, strategy: Literal["ddp", "fsdp"] = "ddp", as_json: bool = False) -> dict[str, Any]:
     """Estimate the memory of training MODEL: full fine-tuning, LoRA and QLoRA side by side.
 
     Args:
@@ -528,6 +666,11 @@ def memory(model: str, r: int = 8, target_modules: Optional[list[str]] = None,
         attention: sdpa (flash / memory-efficient kernels: no seq x seq matrix) or eager.
         lora_inputs: Whether LoRA layers keep their input for backward: saved (plain autograd,
             PEFT), rebuilt (lorakit's LoRA Function), or auto (what this lorakit does).
+        world_size: Processes (GPUs) training together, each on its own micro-batch of
+            --batch-size; the figures are per rank.
+        strategy: With --world-size above 1: ddp (a whole replica per rank, plus gradient
+            buckets) or fsdp (weights, gradients and optimizer states sharded 1/N, plus the
+            gathered root and largest decoder layer).
         as_json: Print the estimate as JSON (bytes) instead of a table.
 
     Returns:
@@ -541,7 +684,8 @@ def memory(model: str, r: int = 8, target_modules: Optional[list[str]] = None,
     config = load_model_config(model)
     result = estimate(config, r=r, target_modules=target_modules, dtype=dtype, optimizer=optimizer,
                       batch_size=batch_size, seq_len=seq_len, gradient_checkpointing=gradient_checkpointing,
-                      double_quant=double_quant, attention=attention, lora_inputs=lora_inputs, model_name=model)
+                      double_quant=double_quant, attention=attention, lora_inputs=lora_inputs, model_name=model,
+                      world_size=world_size, strategy=strategy)
     print(json.dumps(result.to_dict(), indent=2) if as_json else format_table(result))
     return result.to_dict()
 

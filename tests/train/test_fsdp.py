@@ -75,6 +75,19 @@ def test_fsdp_matches_one_process_and_halves_the_base(setup, tmp_path, quantize)
     assert two["world_size"] == 2 and two["global_batch"] == 4 and two["strategy"] == "fsdp"
     assert_same_adapter(tmp_path / "one", tmp_path / "two")
     assert_half_each(one, two)
+    assert_estimate_matches(setup, two, quantize)
+
+
+def assert_estimate_matches(setup, fsdp_config, quantize):
+    """`lorakit memory --world-size 2 --strategy fsdp`'s base per rank is what each rank held."""
+    from lorakit import memory
+
+    model, _ = setup
+    estimate = memory.estimate(memory.load_model_config(str(model)), r=COMMON["r"], target_modules="all-linear",
+                               dtype="fp32", double_quant=False, world_size=2, strategy="fsdp")
+    predicted = estimate.breakdowns["qlora" if quantize == "nf4" else "lora"].base
+    for share in fsdp_config["base_bytes_per_rank"]:  # (the measure also counts the replicated buffers)
+        assert abs(share - predicted) <= 0.05 * predicted, (fsdp_config["base_bytes_per_rank"], predicted)
 
 
 @pytest.mark.slow

@@ -137,9 +137,10 @@ def test_torchrun_two_processes_match_one(setup, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "lorakit.cli",
            "--", "train", "--data", str(data), "--model", str(model), "--out", str(tmp_path / "two"), "--r", "4",
            "--lora-alpha", "8", "--target-modules", "all-linear", "--lora-dropout", "0", "--batch-size", "2",
-           "--lr", "0.03", "--max-steps", "6", "--val-fraction", "0.1", "--quiet"]
+           "--lr", "0.03", "--max-steps", "6", "--val-fraction", "0.1", "--quiet", "--report-to", "tensorboard"]
     result = subprocess.run(cmd, env=os.environ | {"OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert len(list((tmp_path / "two" / "tensorboard").glob("events.out.tfevents.*"))) == 1  # rank 0 only
     config = yaml.safe_load((tmp_path / "two" / "run_config.yaml").read_text())
     assert config["world_size"] == 2 and config["global_batch"] == 4
     a, b = adapter_tensors(tmp_path / "one"), adapter_tensors(tmp_path / "two")

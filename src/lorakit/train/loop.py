@@ -11,14 +11,16 @@ count), so N processes reach the same adapter as one process with the same globa
 
 Files written under `out/`:
     run_config.yaml   every setting of the run, as resolved
-    metrics.jsonl     one JSON object per logged step and per evaluation
+    metrics.jsonl     one JSON object per logged step and per evaluation (tokens and
+                      elapsed_s count from the run's start, across a resume); with --report-to
+                      the same figures go to tensorboard/ (event files), wandb or mlflow
+    loss.png          train and validation loss against step (needs matplotlib, the `plot` extra)
     checkpoints/step-NNNNNNN/   adapter + trainer_state.pt (optimizer, scheduler, RNG, step)
     adapter/          the final adapter (PEFT format)
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
@@ -35,7 +37,8 @@ from ..files import atomic_write
 from ..config import LoraConfig
 from ..peft_model import PeftModel, get_peft_model
 from . import data as data_mod
-from . import packing
+from . import packing, reporting
+from . import summary as summary_mod
 from .distributed import (Dist, adapter_state, load_optimizer_state, local_base_bytes, no_sync,
                           optimizer_state, shard)
 from .recipe import SECTIONS, DataSettings, ModelSettings, OptimSettings, Recipe, RunSettings
@@ -194,15 +197,19 @@ def train(
         **flags: Fields of any record, by name (r, lr, max_steps, out, use_dora, ...).
 
     Returns:
-        A summary: steps, final train and validation loss, seconds, adapter path.
+        A summary: steps, final train and validation loss, seconds, adapter path; on rank 0
+        also the whole run's tokens, wall_seconds, tokens_per_s, best_val_loss and its
+        best_val_step (from metrics.jsonl, so right after a resume) and loss_plot (or None).
 
     Raises:
         TypeError: a flag no record has.
         lorakit.ConfigError: a LoRA field has a bad value (before the model loads).
+        reporting.ReportError: --report-to names a tracker that is not installed (before the model loads).
     """
     recipe = resolve_recipe(model, lora, data, optim, run, flags)
     if not recipe.data.data:
         raise ValueError("no training data: give --data FILE")
+    reporting.check_report_to(recipe.run.report_to)
     ctx = Dist.setup(recipe.model.device)
     out_dir = Path(recipe.run.out)
     seed = recipe.run.seed
@@ -228,12 +235,16 @@ def train(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(optim.warmup_steps, total_steps))
     start = resume_from(ckpt, peft_model, optimizer, scheduler) if ckpt is not None else 0
     base_bytes = ctx.gather(local_base_bytes(peft_model))
+    metrics_path, reporter = out_dir / "metrics.jsonl", None
     if ctx.main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        write_run_config(out_dir, recipe, device=str(ctx.device), world_size=ctx.world, global_batch=global_batch,
-                         total_steps=total_steps, train_examples=len(train_set), val_examples=len(val_set),
-                         base_bytes_per_rank=[int(b) for b in base_bytes])
-    metrics = open_metrics(out_dir / "metrics.jsonl", start) if ctx.main else None
+        resolved = dict(device=str(ctx.device), world_size=ctx.world, global_batch=global_batch,
+                        total_steps=total_steps, train_examples=len(train_set), val_examples=len(val_set),
+                        base_bytes_per_rank=[int(b) for b in base_bytes])
+        write_run_config(out_dir, recipe, **resolved)
+        reporter = reporting.Reporter(out_dir, recipe.run.report_to, start, config=recipe.to_flags() | resolved)
+    before = summary_mod.run_figures(metrics_path) if ctx.main and start else None  # the steps before the resume
+    tokens_before, seconds_before = (before["tokens"], before["wall_seconds"]) if before else (0, 0.0)
     autocast = devices.autocast(ctx.device, recipe.model.precision)
     pad_id = data_mod.pad_token_id(tokenizer)
     run = recipe.run
@@ -241,7 +252,7 @@ def train(
     from tqdm import tqdm
 
     bar = tqdm(total=total_steps, initial=start, disable=run.quiet or not ctx.main, unit="step", dynamic_ncols=True)
-    t0, tokens_seen, last_loss, val_loss = time.perf_counter(), 0, float("nan"), None
+    t0, tokens_seen, last_loss, val_loss = time.perf_counter(), tokens_before, float("nan"), None
     val_losses: list[float] = []
     eval_seconds = 0.0
     for step, indices in enumerate(global_batches(len(train_set), global_batch, seed, start, total_steps), start):
@@ -253,7 +264,7 @@ def train(
                                               optim.grad_clip)
         tokens_seen += int(ctx.sum(sum(real_tokens(part) for part in parts)))
         done = step + 1
-        elapsed = time.perf_counter() - t0
+        elapsed = seconds_before + time.perf_counter() - t0
         if ctx.main:
             bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}",
                             tok_s=f"{tokens_seen / elapsed:.0f}")
@@ -263,14 +274,14 @@ def train(
                           "tokens": tokens_seen, "tokens_per_s": tokens_seen / elapsed, "elapsed_s": elapsed}
                 if grad_norm is not None:
                     record["grad_norm"] = float(grad_norm)
-                metrics.write(json.dumps(record) + "\n")
-                metrics.flush()
+                record["peak_memory_mib"] = reporting.peak_memory_mib(ctx.device)
+                reporter.log(record)
         if run.eval_every and done % run.eval_every == 0 and done != total_steps and val_set:
             t_eval = time.perf_counter()
             val_loss = evaluate(peft_model, val_set, optim.batch_size, pad_id, ctx, autocast)
             eval_seconds += time.perf_counter() - t_eval
             val_losses.append(val_loss)
-            _log_eval(metrics, bar, done, val_loss)
+            _log_eval(reporter, bar, done, val_loss, seconds_before + time.perf_counter() - t0)
         if run.save_every and done % run.save_every == 0:
             save_checkpoint(out_dir, done, peft_model, optimizer, scheduler, ctx)
     bar.close()
@@ -278,20 +289,26 @@ def train(
     if val_set:
         val_loss = evaluate(peft_model, val_set, optim.batch_size, pad_id, ctx, autocast)
         val_losses.append(val_loss)
-        _log_eval(metrics, None, total_steps, val_loss)
+        _log_eval(reporter, None, total_steps, val_loss, seconds_before + time.perf_counter() - t0)
     adapter_path = out_dir / "adapter"
     final_state = adapter_state(peft_model)  # (collective under FSDP)
     if ctx.main:
         peft_model.save_pretrained(str(adapter_path), state_dict=final_state)
-        metrics.close()
+        reporter.close()
     ctx.close()
     trainable, _ = peft_model.get_nb_trainable_parameters()
     summary = {"steps": total_steps, "train_loss": last_loss, "val_loss": val_loss,
                "best_val_loss": min(val_losses) if val_losses else None, "trainable_params": trainable,
                "seconds_per_step": train_seconds / max(1, total_steps - start),
                "seconds": time.perf_counter() - t0, "adapter": str(adapter_path)}
-    if ctx.main and not run.quiet:
-        print(json.dumps(summary))
+    if ctx.main:  # the whole run's figures (a resumed run's earlier steps included), from metrics.jsonl
+        figures = summary_mod.run_figures(metrics_path)
+        plot = summary_mod.plot_loss(metrics_path, out_dir / "loss.png")
+        summary |= {key: figures[key] for key in ("tokens", "wall_seconds", "tokens_per_s", "best_val_loss",
+                                                  "best_val_step")}
+        summary["loss_plot"] = str(plot) if plot is not None else None
+        if not run.quiet:
+            print(summary_mod.format_summary(figures, adapter_path, plot))
     return summary
 
 
@@ -407,28 +424,10 @@ def write_run_config(out_dir: Path, recipe: Recipe, **resolved: Any) -> None:
     atomic_write(out_dir / "run_config.yaml", yaml.safe_dump(settings | resolved, sort_keys=False).encode())
 
 
-def open_metrics(path: Path, start: int):
-    """metrics.jsonl for appending, holding only the records of steps up to `start` (those a
-    resumed run does not redo; none for a new run), so that each step is there once."""
-    if path.exists():
-        kept = [line for line in path.read_text().splitlines(keepends=True)
-                if line.strip() and _record_step(line) <= start]
-        atomic_write(path, "".join(kept).encode())
-    return open(path, "a")
-
-
-def _record_step(line: str) -> int:
-    try:
-        return int(json.loads(line).get("step", 0))
-    except (ValueError, AttributeError):  # a line cut short by a kill: dropped
-        return 1 << 62
-
-
-def _log_eval(metrics, bar, step: int, val_loss: float) -> None:
-    if metrics is None:
+def _log_eval(reporter, bar, step: int, val_loss: float, elapsed: float) -> None:
+    if reporter is None:
         return
-    metrics.write(json.dumps({"step": step, "val_loss": val_loss}) + "\n")
-    metrics.flush()
+    reporter.log({"step": step, "val_loss": val_loss, "elapsed_s": elapsed})
     if bar is not None:
         bar.write(f"step {step}: val_loss {val_loss:.4f}")
 

@@ -110,6 +110,8 @@ class RunSettings:
         save_every: Checkpoint every N steps (0: no intermediate checkpoints).
         resume: Continue from the newest checkpoint in --out.
         quiet: No progress bar.
+        report_to: Also send the metrics (loss, lr, grad norm, tokens/s, val loss, peak memory) to
+            tensorboard (event files in --out/tensorboard), wandb or mlflow; metrics.jsonl is always written.
     """
 
     out: str = "runs/lorakit"
@@ -119,6 +121,7 @@ class RunSettings:
     save_every: int = 0
     resume: bool = False
     quiet: bool = False
+    report_to: Literal["none", "tensorboard", "wandb", "mlflow"] = "none"
 
 
 # The trainer's LoRA defaults where they differ from LoraConfig's (PEFT's), and the LoraConfig
