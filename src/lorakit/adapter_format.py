@@ -170,6 +170,9 @@ def key_map(lora_model: LoraModel, adapter_name: str,
     return required, optional
 
 
+WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # what an adapter file may hold
+
+
 def nonfinite_keys(tensors: dict[str, torch.Tensor]) -> list[str]:
     """Keys of floating-point tensors holding NaN or inf.
 
@@ -276,10 +279,10 @@ def read_adapter(directory: str | os.PathLike, allow_pickle: bool = False) -> tu
             raise AdapterLoadError(f"{pickled} does not hold a dict of tensors")
     else:
         raise AdapterLoadError(f"{directory} has no {WEIGHTS_NAME}")
-    not_float = [f"{k} ({t.dtype})" for k, t in tensors.items() if not t.is_floating_point()]
+    not_float = [f"{k} ({t.dtype})" for k, t in tensors.items() if t.dtype not in WEIGHT_DTYPES]
     if not_float:
-        raise AdapterLoadError(f"{weights}: adapter weights must be floating point; {len(not_float)} are not: "
-                               f"{_few(sorted(not_float))}")
+        raise AdapterLoadError(f"{weights}: adapter weights must be floating point (float16, bfloat16, float32 "
+                               f"or float64); {len(not_float)} are not: {_few(sorted(not_float))}")
     bad = nonfinite_keys(tensors)
     if bad:
         raise AdapterLoadError(f"{weights}: tensors hold NaN or inf: {bad[:5]}")

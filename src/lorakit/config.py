@@ -14,6 +14,7 @@ import json
 import os
 import re
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -226,8 +227,11 @@ class LoraConfig(PeftConfig):
             self.exclude_modules = sorted(self.exclude_modules)
         if isinstance(self.modules_to_save, (set, tuple)):
             self.modules_to_save = list(self.modules_to_save)
-        self.rank_pattern = dict(self.rank_pattern or {})
-        self.alpha_pattern = dict(self.alpha_pattern or {})
+        for name in ("rank_pattern", "alpha_pattern"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, Mapping):
+                raise ConfigError(f"{name} must be a mapping of regex -> value, got {value!r}")
+            setattr(self, name, dict(value or {}))
         self.validate()
 
     def validate(self) -> None:
@@ -269,7 +273,8 @@ class LoraConfig(PeftConfig):
                 if not isinstance(key, str) or not key:
                     raise ConfigError(f"{name} keys must be regex strings, got {key!r}")
                 _check_regex(f"{name} key", key)
-        if self.modules_to_save is not None and not all(isinstance(v, str) for v in self.modules_to_save):
+        if self.modules_to_save is not None and (not isinstance(self.modules_to_save, list) or
+                                                 not all(isinstance(v, str) for v in self.modules_to_save)):
             raise ConfigError(f"modules_to_save must be a list of module names, got {self.modules_to_save!r}")
         layers = self.layers_to_transform
         if layers is not None:
@@ -387,9 +392,12 @@ def pattern_key(patterns: dict[str, Any], module_path: str) -> str | None:
     return None
 
 
+MAX_RANK = 2 ** 16  # above any layer's width in use; a larger rank cannot even be allocated sensibly
+
+
 def _check_rank(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_RANK:
+        raise ConfigError(f"{name} must be an integer >= 1 and <= {MAX_RANK}, got {value!r}")
 
 
 MAX_ALPHA = 1e6  # far above any alpha in use (typically <= 2r); larger values make the outputs overflow
@@ -464,6 +472,8 @@ def read_config(directory: str | os.PathLike) -> LoraConfig:
         raise AdapterLoadError(f"{path} is not valid JSON: {err}") from err
     except RecursionError:
         raise AdapterLoadError(f"{path} is nested too deeply to be an adapter config") from None
+    except OSError as err:  # no permission, a device error, ...
+        raise AdapterLoadError(f"{path} cannot be read: {err}") from err
     try:
         return LoraConfig.from_dict(data)
     except ConfigError as err:

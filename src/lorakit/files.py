@@ -3,6 +3,13 @@
     atomic_write(path, data)                 one file: a temporary name in the same folder, a rename
     write_files(folder, {name: data, ...})   a folder changes as one step: before or after, never between
     with staged_directory(folder) as tmp:    a folder written by other code, renamed into place (or swapped)
+    discard_directory(folder)                a folder removed as one step (renamed aside, then deleted)
+    remove_temporaries(folder)               what a killed writer left in `folder`, removed
+
+Every temporary name is `.<name>.<kind>-<pid>-<8 hex>` beside the `<name>` it becomes or
+replaces (kind: tmp, old or trash), so a kill -9 at any instant leaves the old complete file or
+folder, or the new complete one, plus at most some temporaries that `remove_temporaries` (or
+the next write of the same name) recognises and removes.
 
 Files and folders get the modes a plain `open()` / `mkdir()` would give (the user's umask), not
 the 0600/0700 of the temporary-file functions.
@@ -14,10 +21,9 @@ import contextlib
 import ctypes
 import errno
 import functools
-import glob
 import os
+import re
 import shutil
-import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,6 +43,70 @@ def umask() -> int:
     return mask
 
 
+# --- temporary names ----------------------------------------------------------------------------
+
+TEMPORARY_KINDS = ("tmp", "old", "trash")
+# `.<name>.<kind>-<pid>-<8 hex>`; also `.<name>.<8 chars>.tmp|.old`, the names earlier versions
+# took from tempfile.mkstemp/mkdtemp
+_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?:(?:tmp|old|trash)-[0-9]+-[0-9a-f]{8}|[a-z0-9_]{8}\.(?:tmp|old))$")
+
+
+def temporary_name(name: str, kind: str = "tmp") -> str:
+    """A fresh temporary name for a file or folder that becomes (or replaces) `name`, in the same folder.
+
+    Args:
+        name: The final name (one path component).
+        kind: "tmp" (being written), "old" (the replaced one, being deleted) or "trash" (being
+            deleted). Default "tmp".
+
+    Raises:
+        ValueError: an unknown kind.
+    """
+    if kind not in TEMPORARY_KINDS:
+        raise ValueError(f"kind must be one of {TEMPORARY_KINDS}, got {kind!r}")
+    return f".{name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def is_temporary(name: str, of: str | None = None) -> bool:
+    """Whether `name` is a temporary name this module makes (of the final name `of`, if given)."""
+    match = _TEMPORARY.match(name)
+    return match is not None and (of is None or match["name"] == of)
+
+
+def remove_temporaries(folder: Path) -> list[str]:
+    """Remove every temporary file or folder directly inside `folder` (what writers killed
+    mid-write left); other entries are not touched. A missing folder holds none.
+
+    Returns:
+        The names removed, sorted.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = sorted(entry.name for entry in folder.iterdir() if is_temporary(entry.name))
+    for name in removed:
+        _remove(folder / name)
+    return removed
+
+
+def remove_leftovers(directory: Path) -> None:
+    """Remove the temporaries a killed writer of `directory` left beside it."""
+    directory = Path(directory)
+    if directory.parent.is_dir():
+        for entry in directory.parent.iterdir():
+            if is_temporary(entry.name, of=directory.name):
+                _remove(entry)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+# --- writing ------------------------------------------------------------------------------------
+
 def atomic_write(path: Path, data: bytes) -> None:
     """Write `data` to `path` through a temporary file in the same folder and a rename.
 
@@ -44,16 +114,16 @@ def atomic_write(path: Path, data: bytes) -> None:
     0600 of a temporary file.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.parent / temporary_name(path.name)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as for open()
     try:
-        os.fchmod(fd, 0o666 & ~umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
@@ -73,7 +143,7 @@ def write_files(directory: Path, files: dict[str, bytes]) -> None:
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     remove_leftovers(directory)
-    tmp = directory.parent / f"{_TMP_PREFIX.format(name=directory.name)}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = directory.parent / temporary_name(directory.name)
     tmp.mkdir(mode=0o777 & ~umask())
     try:
         for name, data in files.items():
@@ -93,15 +163,6 @@ def write_files(directory: Path, files: dict[str, bytes]) -> None:
                 atomic_write(directory / name, data)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # after an exchange: the old folder
-
-
-_TMP_PREFIX = ".{name}.tmp-"
-
-
-def remove_leftovers(directory: Path) -> None:
-    """Remove the temporary folders a killed `write_files` left beside `directory`."""
-    for leftover in directory.parent.glob(f"{glob.escape(_TMP_PREFIX.format(name=directory.name))}*"):
-        shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _link_tree(source: Path, target: Path) -> None:
@@ -143,10 +204,11 @@ def _libc():
 
 @contextlib.contextmanager
 def staged_directory(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """A temporary folder beside `out` to write into; renamed to `out` when the block succeeds.
+    """A temporary folder beside `out` to write into; it becomes `out` when the block succeeds.
 
     On an error the temporary folder is removed and `out` is untouched. With `overwrite`, an
-    existing `out` is first renamed aside and removed only after the new folder is in place.
+    existing `out` is swapped with the new folder in one step (Linux `renameat2(RENAME_EXCHANGE)`;
+    elsewhere it is renamed aside first) and removed after the new one is in place.
 
     Args:
         out: The folder to create.
@@ -164,22 +226,37 @@ def staged_directory(out: str | os.PathLike, overwrite: bool = False) -> Iterato
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise ValueError(f"{out} exists and is not empty; choose another folder or pass overwrite")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
-    os.chmod(tmp, 0o777 & ~umask())  # the finished folder gets a plain mkdir's mode, not mkdtemp's 0700
+    remove_leftovers(out)
+    tmp = out.parent / temporary_name(out.name)
+    tmp.mkdir(mode=0o777 & ~umask())  # the finished folder gets a plain mkdir's mode
     try:
         yield tmp
-        if not out.exists():
-            os.replace(tmp, out)
+        if not out.is_dir() or not any(out.iterdir()):
+            os.replace(tmp, out)  # a missing or empty folder: replaced in one step
             return
-        old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".old"))
-        os.replace(out, old / out.name)
+        if _exchange(tmp, out):
+            return  # (tmp now holds the old folder: removed below)
+        old = out.parent / temporary_name(out.name, "old")
+        os.replace(out, old)
         try:
             os.replace(tmp, out)
         except BaseException:
-            os.replace(old / out.name, out)  # put the previous folder back
+            os.replace(old, out)  # put the previous folder back
             raise
         finally:
             shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+
+def discard_directory(folder: Path) -> None:
+    """Remove `folder` as one step: it is renamed to a temporary name first, then deleted, so a
+    kill at any instant leaves either the whole folder or none of it under its name (plus, at
+    worst, a part-deleted temporary that `remove_temporaries` removes). A missing folder is fine."""
+    folder = Path(folder)
+    trash = folder.parent / temporary_name(folder.name, "trash")
+    try:
+        os.rename(folder, trash)
+    except FileNotFoundError:
+        return
+    _remove(trash)  # (a file in the folder's place goes the same way)

@@ -91,6 +91,33 @@ class _Undo:
     base_weights: list[tuple[torch.Tensor, torch.Tensor]]       # (weight, copy) rewritten by PiSSA/OLoRA
 
 
+# (layer, [(tensor, its copy before the merge)], the layer's merged adapters before it)
+_MergeUndo = tuple[LoraLayer, list[tuple[torch.Tensor, torch.Tensor]], list[str]]
+
+
+def _adapter_entries(wrapper: LoraLayer | ModulesToSave) -> tuple:
+    """What a wrapper holds per adapter, in order (the modules themselves, not copies), and which
+    adapters it runs: enough for `_put_back_entries` to undo any adding, removing or activating."""
+    if isinstance(wrapper, ModulesToSave):
+        return list(wrapper.modules_to_save.items()), wrapper.active_adapter
+    attrs = sorted({attr for name in wrapper.adapters for attr in wrapper.containers(name)})
+    return ({attr: list(getattr(wrapper, attr).items()) for attr in attrs}, dict(wrapper.adapters),
+            list(wrapper.active_adapters), list(wrapper.merged_adapters))
+
+
+def _put_back_entries(wrapper: LoraLayer | ModulesToSave, entries: tuple) -> None:
+    if isinstance(wrapper, ModulesToSave):
+        items, wrapper.active_adapter = entries
+        wrapper.modules_to_save.clear()
+        wrapper.modules_to_save.update(items)
+        return
+    containers, wrapper.adapters, active, wrapper.merged_adapters = entries
+    for attr, items in containers.items():
+        getattr(wrapper, attr).clear()
+        getattr(wrapper, attr).update(items)
+    wrapper.active_adapters = active
+
+
 class LoraModel(nn.Module):
     """Holds the user's model and the adapters injected into it.
 
@@ -240,16 +267,17 @@ class LoraModel(nn.Module):
                 touched.append(module)
                 module.add_adapter(adapter_name)
                 follow_mode(module, module.original_module.training)
+            self.peft_config[adapter_name] = config
+            self.set_adapter(self.active_adapter if self.active_adapter in self.peft_config else adapter_name)
         except BaseException:
             # undo exactly what this call did: other adapters (of this or another wrapper) are untouched
+            self.peft_config.pop(adapter_name, None)
             for wrapper in touched:
                 wrapper.delete_adapter(adapter_name)
             for path, original in reversed(created):
                 self.replace_module(path, original)
             self._restore(undo)
             raise
-        self.peft_config[adapter_name] = config
-        self.set_adapter(self.active_adapter if self.active_adapter in self.peft_config else adapter_name)
         return undo
 
     def _check_base_sharing(self, adapter_name: str, config: LoraConfig, targets: list[str],
@@ -348,7 +376,7 @@ class LoraModel(nn.Module):
         return dataclasses.replace(config, **changes) if changes else config
 
     def delete_adapter(self, adapter_name: str) -> None:
-        """Remove an adapter's weights from every layer.
+        """Remove an adapter's weights from every layer. On any error the model is left as it was.
 
         Raises:
             KeyError: no such adapter.
@@ -361,13 +389,15 @@ class LoraModel(nn.Module):
         if merged_in:
             raise ValueError(f"adapter {adapter_name!r} is merged into {len(merged_in)} layers "
                              f"(e.g. {merged_in[0]}); unmerge_adapter() before deleting it")
-        self._remove_everywhere(adapter_name)
-        del self.peft_config[adapter_name]
+        with self._rollback():
+            self._remove_everywhere(adapter_name)
+            del self.peft_config[adapter_name]
 
     def remove_adapter(self, adapter_name: str) -> None:
         """Remove an adapter even if it is the active or the only one (`delete_adapter` refuses
         those, as PEFT does): another adapter, if any, becomes active; wrappers left without
-        adapters are unwrapped, so with none left the model is the plain base again.
+        adapters are unwrapped, so with none left the model is the plain base again. On any
+        error the model is left as it was.
 
         Raises:
             KeyError: no such adapter.
@@ -376,10 +406,11 @@ class LoraModel(nn.Module):
         self.check_exists(adapter_name)
         if any(adapter_name in layer.merged_adapters for _, layer in self.lora_layers()):
             raise ValueError(f"adapter {adapter_name!r} is merged; unmerge_adapter() before removing it")
-        self._remove_everywhere(adapter_name)
-        del self.peft_config[adapter_name]
-        if adapter_name == self.active_adapter and self.peft_config:
-            self.set_adapter(next(iter(self.peft_config)))
+        with self._rollback():
+            self._remove_everywhere(adapter_name)
+            del self.peft_config[adapter_name]
+            if adapter_name == self.active_adapter and self.peft_config:
+                self.set_adapter(next(iter(self.peft_config)))
 
     def add_adapter_from_tensors(self, adapter_name: str, config: LoraConfig, tensors: dict[str, torch.Tensor],
                                  source: str = "", replacing: str | None = None) -> None:
@@ -410,8 +441,29 @@ class LoraModel(nn.Module):
             if id(p) in flags:
                 p.requires_grad_(flags[id(p)])
 
+    @contextlib.contextmanager
+    def _rollback(self) -> Iterator[None]:
+        """On an error inside the block, put back the adapters every wrapper held, the wrappers
+        themselves where the block unwrapped them, the registry, the active adapter and the
+        trainable flags (the parameters themselves are the same objects: nothing is copied)."""
+        wrappers = self.wrappers()
+        held = [(path, wrapper, _adapter_entries(wrapper)) for path, wrapper in wrappers]
+        registry, active, flags = dict(self.peft_config), self.active_adapter, self.trainable_flags()
+        try:
+            yield
+        except BaseException:
+            for path, wrapper, entries in held:
+                self.replace_module(path, wrapper)
+                _put_back_entries(wrapper, entries)
+            self.peft_config.clear()
+            self.peft_config.update(registry)
+            self.active_adapter = active
+            self.restore_trainable_flags(flags)
+            raise
+
     def _remove_everywhere(self, adapter_name: str) -> None:
-        """Drop an adapter from every wrapper and unwrap wrappers left with none (rollback-safe)."""
+        """Drop an adapter from every wrapper and unwrap wrappers left with none (callers that
+        must leave the model as it was on an error wrap this in `_rollback`)."""
         for path, wrapper in self.wrappers():
             wrapper.delete_adapter(adapter_name)
             if not wrapper.adapters:
@@ -491,7 +543,8 @@ class LoraModel(nn.Module):
         return any(layer.merged_adapters for _, layer in self.lora_layers())
 
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
-        """Fold adapters (default: the active one) into the base weights, in float32.
+        """Fold adapters (default: the active one) into the base weights, in float32. On any error
+        every weight is put back bit for bit (see `_merge_layers` for the memory this takes).
 
         Args:
             adapter_names: Adapters to merge. Default: the active adapter.
@@ -503,6 +556,10 @@ class LoraModel(nn.Module):
             QuantizedMergeError: an adapter is on a quantized base layer (nothing merged); for
                 lorakit's 4-bit layers use `merge_and_unload`, which dequantizes.
         """
+        self._merge(adapter_names, safe_merge)
+
+    def _merge(self, adapter_names: list[str] | None, safe_merge: bool) -> list[_MergeUndo]:
+        """`merge_adapter`'s work; returns what `_undo_merges` needs to take it back."""
         names = adapter_names or [self.active_adapter]
         for name in names:
             self.check_exists(name)
@@ -514,8 +571,38 @@ class LoraModel(nn.Module):
             raise QuantizedMergeError(f"{layer.merge_refusal} ({len(refused)} layers, e.g. {path}; nothing was merged)")
         if safe_merge:
             check_finite_merge(layers, names)
-        for _, layer in layers:
-            layer.merge([n for n in names if n in layer.adapters])
+        return self._merge_layers(layers, names)
+
+    def _merge_layers(self, layers: list[tuple[str, LoraLayer]], names: list[str]) -> list[_MergeUndo]:
+        """Merge `names` into each layer holding them; on an error every layer merged so far is put
+        back bit for bit (`_undo_merges`) before it propagates. Each layer's weight (and bias) is
+        copied to CPU memory before it is merged into, so a merge holds a CPU copy of the merged
+        layers' weights until it is done (accelerator memory is not used for it).
+
+        Returns:
+            What `_undo_merges` needs to take this merge back exactly.
+        """
+        saved: list[_MergeUndo] = []
+        try:
+            for _, layer in layers:
+                todo = [n for n in names if n in layer.adapters and n not in layer.merged_adapters]
+                if not todo:
+                    continue
+                tensors = [t for t in (layer.base_weight, getattr(layer.base_layer, "bias", None)) if t is not None]
+                saved.append((layer, [(t, t.detach().to("cpu", copy=True)) for t in tensors], list(layer.merged_adapters)))
+                layer.merge(todo)
+        except BaseException:
+            self._undo_merges(saved)
+            raise
+        return saved
+
+    @staticmethod
+    def _undo_merges(saved: list[_MergeUndo]) -> None:
+        with torch.no_grad():
+            for layer, tensors, merged in reversed(saved):
+                for tensor, copy in tensors:
+                    tensor.copy_(copy)
+                layer.merged_adapters = merged
 
     def unmerge_adapter(self) -> None:
         """Take every merged adapter back out of the base weights."""
@@ -524,7 +611,8 @@ class LoraModel(nn.Module):
 
     def merge_and_unload(self, safe_merge: bool = False, adapter_names: list[str] | None = None,
                          dtype: torch.dtype | str | None = None) -> nn.Module:
-        """Merge adapters into the base and return the plain model, with no wrapper left.
+        """Merge adapters into the base and return the plain model, with no wrapper left. On any
+        error (of a float base) the model is left as it was, unmerged and wrapped.
 
         On a quantized base (4-bit layers) every 4-bit layer is dequantized, ΔW added in float32
         and the result stored as an `nn.Linear` (the format's `merge_and_unload`, for NF4
@@ -544,21 +632,27 @@ class LoraModel(nn.Module):
         quantizer = model_quantizer(self.model)
         if quantizer is not None:  # dequantize, merge in float32, unload
             return quantizer.merge_and_unload(self, adapter_names, safe_merge=safe_merge, dtype=dtype)
-        self.merge_adapter(adapter_names, safe_merge=safe_merge)
-        model = self.unload()
+        merged = self._merge(adapter_names, safe_merge)
+        try:
+            model = self.unload()
+        except BaseException:
+            self._undo_merges(merged)  # the model as it was: unmerged, wrapped
+            raise
         if isinstance(dtype, torch.dtype):
             model.to(dtype)
         return model
 
     def unload(self) -> nn.Module:
         """Return the plain model: LoRA wrappers replaced by their base layers (merged weights
-        kept), modules_to_save by the active adapter's trained copy."""
-        for path, wrapper in self.wrappers():
-            if isinstance(wrapper, LoraLayer):
-                self.replace_module(path, wrapper.base_layer)
-            else:
-                active = wrapper.active_adapter
-                self.replace_module(path, wrapper.modules_to_save[active] if active else wrapper.original_module)
+        kept), modules_to_save by the active adapter's trained copy. On any error every wrapper
+        is put back."""
+        with self._rollback():  # every wrapper back in place if one fails
+            for path, wrapper in self.wrappers():
+                if isinstance(wrapper, LoraLayer):
+                    self.replace_module(path, wrapper.base_layer)
+                else:
+                    active = wrapper.active_adapter
+                    self.replace_module(path, wrapper.modules_to_save[active] if active else wrapper.original_module)
         self.peft_config.clear()
         self.model.__dict__.pop("peft_config", None)  # the plain model again, as PEFT leaves it
         return self.model

@@ -123,7 +123,7 @@ def select_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     # modules_to_save and full-string `all-linear` resolution may turn targets into a list
     if isinstance(targets, str) and config.layers_to_transform is not None:
         raise ConfigError("layers_to_transform cannot be combined with a regex target_modules")
-    selected, excluded = [], []
+    selected, excluded, outside_layers = [], [], []
     for path, _module in _candidates(model):
         if not path or not matches(targets, path):
             continue
@@ -138,10 +138,15 @@ def select_targets(model: nn.Module, config: LoraConfig) -> list[str]:
         if wanted not in (None, []) and not (isinstance(targets, list) and path in targets):
             wanted = [wanted] if isinstance(wanted, int) else wanted
             if layer_index(path, config.layers_pattern) not in wanted:
+                outside_layers.append(path)
                 continue
         selected.append(path)
     if not selected:
-        raise TargetError(_no_match_message(model, targets, excluded))
+        message = _no_match_message(model, targets, excluded)
+        if outside_layers:
+            message += (f". ({len(outside_layers)} matches are in layers outside "
+                        f"layers_to_transform={config.layers_to_transform!r}.)")
+        raise TargetError(message)
     return selected
 
 

@@ -181,8 +181,13 @@ class AdapterRegistry:
             if name in self._loaded or name in self._loading:
                 raise AdapterNameError(f"adapter {name!r} is already loaded; unload it first to replace it")
         resolved = self._allowed_path(path)
-        await self._ensure_loaded(name, resolved)
-        self._known[name] = resolved
+        self._known[name] = resolved  # before the load: an unload meanwhile forgets it for good
+        try:
+            await self._ensure_loaded(name, resolved)
+        except BaseException:
+            if name not in self._command_line and self._known.get(name) == resolved:
+                self._known.pop(name, None)
+            raise
 
     async def unload(self, name: str) -> None:
         """Detach adapter `name` (POST /v1/unload_lora_adapter).
@@ -197,26 +202,39 @@ class AdapterRegistry:
             AdapterInUseError: running requests use it.
         """
         self._check_name(name)
-        loading = self._loading.get(name)
-        if loading is not None:
-            with contextlib.suppress(Exception):  # a failed load leaves nothing to unload
-                await asyncio.shield(loading)
-        async with self._changing:
-            with self._lock:
-                attached = name in self._loaded
-                if not attached and name not in self._known:
-                    raise UnknownModelError(f"adapter {name!r} is not loaded")
-                if self._pins[name]:
-                    raise AdapterInUseError(f"adapter {name!r} is used by {self._pins[name]} running request(s); "
-                                            "unload it when they are done")
+        while True:
+            loading = self._loading.get(name)
+            if loading is not None:
+                with contextlib.suppress(Exception):  # a failed load leaves nothing to unload
+                    await asyncio.shield(loading)
+            async with self._changing:
+                if name in self._loading:  # a request started loading it again meanwhile: wait for that too
+                    continue
+                with self._lock:
+                    attached = name in self._loaded
+                    if not attached and name not in self._known:
+                        raise UnknownModelError(f"adapter {name!r} is not loaded")
+                    if self._pins[name]:
+                        raise AdapterInUseError(f"adapter {name!r} is used by {self._pins[name]} running request(s); "
+                                                "unload it when they are done")
+                    if attached:
+                        del self._loaded[name]
+                # forgotten before the lock is given back: no request can start loading it again
+                resident, known = name in self._resident, self._known.get(name)
+                self._resident.discard(name)
+                if name not in self._command_line:
+                    self._known.pop(name, None)
                 if attached:
-                    del self._loaded[name]
-            if attached:
-                await self._detach(name)
-                self._wake_slot_waiters()
-        self._resident.discard(name)
-        if name not in self._command_line:
-            self._known.pop(name, None)
+                    try:
+                        await self._detach(name)
+                    except BaseException:  # still attached (`_detach` put it back): still known too
+                        if resident:
+                            self._resident.add(name)
+                        if known is not None:
+                            self._known[name] = known
+                        raise
+                    self._wake_slot_waiters()
+                return
 
     # --- internals ---------------------------------------------------------------------------------------
 

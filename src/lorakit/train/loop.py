@@ -22,7 +22,6 @@ Files written under `out/`:
 from __future__ import annotations
 
 import math
-import os
 import random
 import shutil
 import time
@@ -33,8 +32,8 @@ from typing import Any
 import torch
 
 from .. import adapter_format, devices
-from ..files import atomic_write
-from ..config import LoraConfig
+from ..config import CONFIG_NAME, LoraConfig
+from ..files import atomic_write, discard_directory, remove_temporaries, staged_directory
 from ..peft_model import PeftModel, get_peft_model
 from . import data as data_mod
 from . import packing, reporting
@@ -45,6 +44,7 @@ from .recipe import SECTIONS, DataSettings, ModelSettings, OptimSettings, Recipe
 
 CHECKPOINTS = "checkpoints"
 STATE_NAME = "trainer_state.pt"
+CHECKPOINT_FILES = (STATE_NAME, adapter_format.WEIGHTS_NAME, CONFIG_NAME)  # a complete checkpoint
 
 
 def enable_gradient_checkpointing(model) -> None:
@@ -107,29 +107,66 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def save_checkpoint(out: Path, step: int, peft_model: PeftModel, optimizer, scheduler, ctx: Dist,
                     keep: int = 2) -> Path:
-    """Write adapter + trainer state into a temporary folder, then rename it into place (rank 0;
-    every rank calls this, since gathering FSDP shards is collective)."""
+    """Write `checkpoints/step-NNNNNNN` (adapter + trainer state) as a whole, then drop all but the
+    `keep` newest checkpoints. Every rank calls this (gathering FSDP shards is collective); rank 0
+    writes.
+
+    The folder is built under a temporary name and renamed into place (an existing one swapped,
+    `files.staged_directory`); older ones are renamed aside before they are deleted
+    (`files.discard_directory`). So a kill at any instant leaves every `step-*` complete; what it
+    may leave behind are temporaries, which `remove_run_leftovers` removes at the next start.
+
+    Returns:
+        The checkpoint's folder.
+    """
     adapter = adapter_state(peft_model)
     optim_state = optimizer_state(peft_model, optimizer)
-    root = out / CHECKPOINTS
-    final = root / f"step-{step:07d}"
+    final = out / CHECKPOINTS / f"step-{step:07d}"
     if not ctx.main:
         return final
-    tmp = root / f".tmp-step-{step:07d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    peft_model.save_pretrained(str(tmp), state_dict=adapter)
     state = {"step": step, "optimizer": optim_state, "scheduler": scheduler.state_dict(), "rng": rng_state()}
-    torch.save(state, tmp / STATE_NAME)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    for old in sorted(root.glob("step-*"))[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    with staged_directory(final, overwrite=True) as tmp:
+        peft_model.save_pretrained(str(tmp), state_dict=adapter)
+        torch.save(state, tmp / STATE_NAME)
+    newest = checkpoints(out)[-keep:]
+    for old in (out / CHECKPOINTS).glob("step-*"):
+        if old not in newest:
+            discard_directory(old)
     return final
 
 
+def checkpoints(out: Path) -> list[Path]:
+    """The complete checkpoints under `out` (`step-<number>` folders holding the trainer state, an
+    adapter config and its weights), oldest first."""
+    found = []
+    for folder in (out / CHECKPOINTS).glob("step-*"):
+        number = folder.name.removeprefix("step-")
+        if number.isdigit() and all((folder / name).is_file() for name in CHECKPOINT_FILES):
+            found.append((int(number), folder))
+    return [folder for _, folder in sorted(found)]
+
+
 def latest_checkpoint(out: Path) -> Path | None:
-    done = sorted(p for p in (out / CHECKPOINTS).glob("step-*") if (p / STATE_NAME).is_file())
+    """The newest complete checkpoint under `out`, None when there is none."""
+    done = checkpoints(out)
     return done[-1] if done else None
+
+
+def remove_run_leftovers(out: Path) -> list[str]:
+    """Remove what a killed run left in `out`: temporaries of its files (`run_config.yaml`,
+    `metrics.jsonl`), of its checkpoints, of checkpoints being deleted, and of the final
+    adapter; also `.tmp-step-*` folders of earlier lorakit versions. Nothing else is touched.
+
+    Returns:
+        The paths removed, relative to `out`.
+    """
+    removed = []
+    for folder in (out, out / CHECKPOINTS, out / "adapter"):
+        removed += [str((folder / name).relative_to(out)) for name in remove_temporaries(folder)]
+    for legacy in sorted((out / CHECKPOINTS).glob(".tmp-step-*")):
+        shutil.rmtree(legacy, ignore_errors=True)
+        removed.append(str(legacy.relative_to(out)))
+    return removed
 
 
 # --- evaluation ---------------------------------------------------------------------------------
@@ -212,6 +249,8 @@ def train(
     reporting.check_report_to(recipe.run.report_to)
     ctx = Dist.setup(recipe.model.device)
     out_dir = Path(recipe.run.out)
+    if ctx.main:
+        remove_run_leftovers(out_dir)  # what a killed run left half-written
     seed = recipe.run.seed
     random.seed(seed)
     torch.manual_seed(seed)
