@@ -520,3 +520,14 @@ def test_serve_refuses_a_bad_command_line_adapter(files, model_folder):
         serve(model=str(model_folder), adapter=[f"bad={files / 'adapters' / 'otherbase'}"], port=free_port())
     with pytest.raises(ValueError, match="NAME=PATH"):
         serve(model=str(model_folder), adapter=["no-equals-sign"], port=free_port())
+
+
+def test_serve_device_flag_and_max_batch(capsys):
+    from lorakit.devices import available
+
+    missing = next(kind for kind in ("cuda", "mps") if kind not in available())
+    for device, message in [(missing, f"this machine has no {missing.upper()} device"), ("tpu", "unknown device 'tpu'")]:
+        assert cli.main(["serve", "--device", device, "--port", str(free_port())]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and message in err
+    assert cli.parse("serve", ["--max-batch", "4"])["max_batch_size"] == 4  # --max-batch is --max-batch-size

@@ -1,17 +1,20 @@
-"""The serving engine: batched steps equal the library's own generate, rows fail and stop alone."""
+"""The serving engine: batched steps equal the library's own generate (sliding-window and alternating
+models, padded rows, rows joining later), prompts arriving together share one prefill, rows fail and stop alone."""
 
 import threading
 
 import pytest
 import torch
-from transformers import MistralConfig, MistralForCausalLM
+from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, MistralConfig, MistralForCausalLM, Qwen2Config,
+                          Qwen2ForCausalLM)
 
 from lorakit import BASE_ADAPTER, AdapterLoadError, LoraConfig, PeftModel, get_peft_model
 from lorakit.adapter_format import read_adapter
 from lorakit.layers import LoraLayer
 from lorakit.serve.engine import Engine, Output, SamplingParams, TextStream, sample_token
+from lorakit.serve.kv_cache import SlotCache
 
-from conftest import tiny_llama
+from conftest import tiny_gpt2, tiny_llama
 
 EOS = 2  # LlamaConfig's default eos_token_id
 GREEDY = dict(temperature=0.0)
@@ -272,11 +275,147 @@ def test_attach_and_detach_adapters_between_steps(tmp_path):
     engine.stop()
 
 
-def test_refuses_sliding_window_models():
+# --- every decoder transformers caches: sliding windows, alternating layers, padded rows --------------
+
+def mistral(window=8):
+    torch.manual_seed(0)
     config = MistralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                           num_key_value_heads=2, vocab_size=50, sliding_window=8)
-    with pytest.raises(ValueError, match="full-attention"):
-        Engine(MistralForCausalLM(config), WordTokenizer())
+                           num_key_value_heads=2, vocab_size=100, max_position_embeddings=128, sliding_window=window,
+                           initializer_range=0.3)
+    return MistralForCausalLM(config).eval()
+
+
+def qwen2_sliding(window=8):
+    torch.manual_seed(0)
+    config = Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=100, max_position_embeddings=128, use_sliding_window=True,
+                         sliding_window=window, max_window_layers=1, initializer_range=0.3)
+    return Qwen2ForCausalLM(config).eval()
+
+
+def gemma3_alternating(window=8):
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                              num_key_value_heads=2, head_dim=8, vocab_size=100, max_position_embeddings=128,
+                              sliding_window=window, initializer_range=0.3, tie_word_embeddings=False,
+                              layer_types=["sliding_attention", "full_attention"] * 2)
+    return Gemma3ForCausalLM(config).eval()
+
+
+def with_adapters(model):
+    torch.manual_seed(1)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=16, init_lora_weights=False,
+                                             target_modules=["q_proj", "v_proj"]), adapter_name="a")
+    model.add_adapter("b", LoraConfig(r=2, lora_alpha=8, init_lora_weights=False, target_modules="all-linear"))
+    model.get_base_model().generation_config.eos_token_id = None  # every answer runs to max_tokens
+    return model.eval()
+
+
+def long_prompts():
+    g = torch.Generator().manual_seed(5)
+    return [torch.randint(3, 100, (n,), generator=g).tolist() for n in (20, 5, 13, 9)]
+
+
+def run_all(engine, jobs, max_tokens):
+    """Submit every job before the engine starts (so they arrive together), wait for all."""
+    results = [submit(engine, prompt, name, max_tokens=max_tokens, **GREEDY) for name, prompt in jobs]
+    engine.start()
+    for result in results:
+        result.wait()
+    engine.stop()
+    return results
+
+
+@pytest.mark.parametrize("make", [mistral, qwen2_sliding, gemma3_alternating])
+def test_sliding_window_models_equal_generate_with_mixed_adapters(make):
+    """Window 8, prompts up to 20 tokens + 10 new ones, padded together in one prefill and one decode
+    batch with three adapters: each row equals `generate` of that adapter alone."""
+    model = with_adapters(make())
+    engine = Engine(model, WordTokenizer(), kv_chunk=8)  # the cache grows and moves columns as it goes
+    engine.eos_token_ids = set()
+    jobs = [(name, prompt) for name, prompt in zip(["a", "b", BASE_ADAPTER, "a"], long_prompts())]
+    jobs += [("b", long_prompts()[0])]
+    results = run_all(engine, jobs, 10)
+    for (name, prompt), result in zip(jobs, results):
+        assert result.last.error is None
+        assert result.tokens == reference(model, name, prompt, 10), (name, len(prompt))
+    assert engine.stats.prefill_batch_sizes == {len(jobs): 1}  # one prefill forward for all five prompts
+    assert engine.stats.decode_batch_sizes == {len(jobs): 9}
+    assert results[0].tokens != results[4].tokens  # the adapter matters past the window too
+
+
+def test_sliding_window_rows_joining_later_equal_generate():
+    """Requests join a running batch at different columns (moving the columns right for a longer
+    prompt, left and growing when the cache is full); every answer equals its single run."""
+    model = with_adapters(mistral(window=6))
+    engine = Engine(model, WordTokenizer(), max_batch_size=3, kv_chunk=8)
+    engine.eos_token_ids = set()
+    prompts = long_prompts()
+    jobs = [("a", prompts[1], 30), ("b", prompts[0], 12), (BASE_ADAPTER, prompts[3], 8), ("a", prompts[2], 12),
+            ("b", prompts[1], 5)]
+    results = {}
+
+    class Trigger(Collect):
+        def emit(self, out):
+            super().emit(out)
+            step = len(self.outputs)
+            for i, (name, prompt, n) in enumerate(jobs[1:], start=1):
+                if step == 3 * i:  # from inside a step: joins at the next boundary
+                    results[i] = submit(engine, prompt, name, max_tokens=n, **GREEDY)
+
+    first = Trigger()
+    engine.submit(jobs[0][1], jobs[0][0], SamplingParams(max_tokens=jobs[0][2], **GREEDY), first.emit, first.on_done)
+    results[0] = first
+    engine.start()
+    first.wait()
+    for i in range(1, len(jobs)):
+        results[i].wait()
+    engine.stop()
+    for i, (name, prompt, n) in enumerate(jobs):
+        assert results[i].last.error is None
+        assert results[i].tokens == reference(model, name, prompt, n), i
+    assert max(engine.stats.decode_batch_sizes) == 3
+    assert engine._cache.capacity > 8  # it grew
+
+
+def test_gpt2_equals_generate():
+    model = get_peft_model(tiny_gpt2(), LoraConfig(r=4, init_lora_weights=False, target_modules=["c_attn"]))
+    model.get_base_model().generation_config.eos_token_id = None
+    engine = Engine(model, WordTokenizer())
+    engine.eos_token_ids = set()
+    jobs = [("default", PROMPTS[0]), (BASE_ADAPTER, PROMPTS[1]), ("default", PROMPTS[2])]
+    for (name, prompt), result in zip(jobs, run_all(engine, jobs, 6)):
+        assert result.tokens == reference(model, name, prompt, 6)
+
+
+def test_the_sliding_window_mask_counts_each_rows_own_tokens():
+    """The mask transformers builds over the slot cache for a decode step of rows that start at
+    different columns: each row sees exactly its last `window` tokens, never another row's columns."""
+    from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+    config = qwen2_sliding(window=4).config
+    cache = SlotCache(config, slots=3, chunk=16)
+    starts, t = [0, 7, 9], 10  # rows own columns [start, t]: 11, 4 and 2 tokens
+    cache.plan(slice(0, 3), write_at=t, attend_from=min(starts))
+    attention_mask = torch.tensor([[int(c >= s) for c in range(t + 1)] for s in starts])
+    embeds = torch.zeros(3, 1, config.hidden_size)
+    config._attn_implementation = "eager"
+    for build, window in [(create_sliding_window_causal_mask, 4), (create_causal_mask, None)]:
+        mask = build(config=config, inputs_embeds=embeds, attention_mask=attention_mask, cache=cache,
+                     position_ids=torch.tensor([[t - s] for s in starts]))
+        kv_length, kv_offset = cache.get_mask_sizes(1, cache.is_sliding.index(window is not None))
+        assert mask.shape == (3, 1, 1, kv_length)
+        for row, start in enumerate(starts):
+            seen = [kv_offset + c for c in range(kv_length) if mask[row, 0, 0, c] == 0]  # eager: 0 = attend
+            first = start if window is None else max(start, t - window + 1)
+            assert seen == list(range(first, t + 1)), (row, window)
+
+
+def test_refuses_layers_that_are_not_attention():
+    config = Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=100, layer_types=["full_attention", "linear_attention"])
+    with pytest.raises(ValueError, match=r"full and sliding-window attention layers; this model has \['linear_attention'\]"):
+        SlotCache(config, slots=2)
 
 
 class PieceTokenizer:

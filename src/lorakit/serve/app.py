@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from ..config import AdapterLoadError
+from ..devices import resolve_device
 from ..peft_model import PeftModel
 from ..prompts import encode_messages, encode_text, has_chat_template
 from .engine import Engine, Output, OutputStream, SamplingParams
@@ -601,7 +602,7 @@ def serve(
     max_tokens_limit: int = 1024,
     max_request_bytes: int = 1_000_000,
     dtype: Literal["fp32", "bf16"] = "fp32",
-    device: str | None = None,
+    device: str = "auto",
     served_model_name: str | None = None,
     api_key: str | None = None,
     adapter_loading: bool = True,
@@ -625,7 +626,8 @@ def serve(
         max_tokens_limit: Most tokens one request may generate (and the chat default).
         max_request_bytes: Largest request body accepted, in bytes.
         dtype: Weights' precision.
-        device: Where the model runs (cpu, cuda, cuda:1, ...). Default: cuda when available, else cpu.
+        device: Where the model runs: auto (CUDA when present, then MPS, then CPU), cpu, cuda,
+            cuda:N or mps. A device this machine lacks is an error naming the ones it has.
         served_model_name: The base model's name in requests. Default: --model as given, or the
             embedded model's name.
         api_key: Require `Authorization: Bearer KEY` on every route but /health (401 otherwise).
@@ -644,7 +646,8 @@ def serve(
         0 after a clean shutdown (Ctrl-C).
 
     Raises:
-        ValueError: bad flags, or an adapter given with --adapter cannot be loaded.
+        ValueError: bad flags (`devices.DeviceError` for --device), or an adapter given with
+            --adapter cannot be loaded.
         ImportError: FastAPI or uvicorn is not installed (`pip install "lorakit[serve]"`).
     """
     _require_serve_extra()
@@ -654,9 +657,10 @@ def serve(
 
     adapters = parse_adapter_flags(adapter or [])
     api_key = _api_key(api_key)
+    where = resolve_device(device)
     try:
         base, tokenizer = load_model_and_tokenizer(model, dtype=torch.bfloat16 if dtype == "bf16" else torch.float32,
-                                                   device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
+                                                   device=where)
     except ModelLoadError as err:
         raise ValueError(str(err)) from err
     app = create_app(base, tokenizer, model_name=served_model_name or model or DEFAULT_MODEL_NAME, adapters=adapters,

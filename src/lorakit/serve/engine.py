@@ -6,25 +6,39 @@
     async for out in outputs:
         print(out.text, end="")
 
-Owns everything that touches the model while serving: the engine thread and its loop, each
-sequence's KV cache, sampling, detokenization with stop strings, and attaching or detaching
-adapters (between steps, so the model never changes under a forward).
+Owns everything that touches the model while serving: the engine thread and its loop, where
+each request's keys and values live, sampling, detokenization with stop strings, and attaching
+or detaching adapters (between steps, so the model never changes under a forward).
 
-Each sequence keeps its own KV cache: per layer, keys and values of shape
-(1, kv_heads, n, head_dim) for the n tokens already fed through the model; the newest token
-waits in `next_token`. One iteration of the loop:
+The KV cache is a `kv_cache.SlotCache`: per layer one (max_batch_size, kv_heads, capacity,
+head_dim) buffer, row i = slot i. A running request owns one slot from its prefill to its last
+token; the running requests always hold slots 0..B-1 (a finished row's slot is refilled by
+moving the last row into it, one row copy), so a decode forward reads rows [0, B) as views.
+Columns are shared: every row writes its next token at the same column t, and a request's
+tokens fill the columns just before it, [start_i, t). One iteration of the loop:
 
-    1. between steps: run queued jobs (adapter attach/detach), drop cancelled sequences, admit
-       waiting ones up to max_batch_size; each admitted prompt is prefilled ALONE,
-       (1, P) -> its cache and its first token, so prompts never see padding
-    2. ONE decode forward for every running sequence, each row with its own adapter:
-         caches left-padded to the longest, L, and stacked      (B, kv_heads, L, head_dim) per layer
-         input_ids: each row's next token                       (B, 1)
-         attention_mask: 0 over a row's padding, 1 elsewhere    (B, L + 1)
-         position_ids: each row's own length n_i                (B, 1)
+    1. between steps: run queued jobs (adapter attach/detach), drop cancelled requests (their
+       slots free at once), then admit waiting ones into the free slots
+    2. ONE prefill forward for all the admitted prompts (P = the longest), slots [B, B + G):
+         input_ids: the prompts, left-padded                    (G, P)
+         columns [t - P, t); attention_mask 0 over padding      (G, t)
+         position_ids: 0, 1, ... from each prompt's first token (G, P)
+       its last logits give each new request its first token
+    3. ONE decode forward for every running request, each row with its own adapter:
+         input_ids: each row's newest token, at column t         (B, 1)
+         attention_mask: 1 over a row's own columns [start_i, t] (B, t + 1)
+         position_ids: each row's own length n_i                 (B, 1)
          adapter_names: each row's adapter, or "__base__"
-    3. split the batch cache back (row i keeps its last n_i + 1 positions), sample each row's
-       next token, emit its new text, retire finished rows
+       then sample each row's next token, emit its new text, retire finished rows; t += 1
+
+When t would pass the buffers' capacity the columns are moved left (to the oldest running
+request's start) or the buffers grow by a chunk; when a longer prompt joins than t leaves room
+for, the columns move right. Only these rare moves copy cache contents.
+
+Every decoder transformers runs with a KV cache and per-layer attention masks works:
+full-attention layers and sliding-window ones (Mistral, Qwen2 with use_sliding_window, Gemma's
+alternating layers). A row's tokens are consecutive columns, so transformers' sliding-window
+mask over columns is a window over the row's own tokens, padded batch or not.
 
 A failing batched forward is retried row by row, so only the request that breaks fails.
 Padding is masked out, but a padded (B, ...) forward need not round exactly like a (1, ...)
@@ -46,14 +60,12 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import LoraConfig
 from ..layers import BASE_ADAPTER
 from ..peft_model import PeftModel
-
-KVLayers = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values (1, kv_heads, n, head_dim)
+from .kv_cache import SlotCache
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,12 +121,14 @@ class EngineStats:
 
     Attributes:
         prefills: Prompts run through the model.
+        prefill_batch_sizes: `[g]` counts the prefill forwards that ran g prompts together.
         decode_batch_sizes: `[b]` counts the decode forwards that ran with b rows.
         cancelled: Requests dropped because their client cancelled (waiting or running).
     """
 
     prefills: int = 0
     cancelled: int = 0
+    prefill_batch_sizes: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     decode_batch_sizes: collections.Counter = dataclasses.field(default_factory=collections.Counter)
 
 
@@ -200,7 +214,8 @@ class _Sequence:
     on_done: Callable[[], None] | None
     text: TextStream
     generator: torch.Generator
-    kv: KVLayers = dataclasses.field(default_factory=list)
+    slot: int = -1  # its row in the KV cache while it runs
+    start: int = 0  # the cache column of its first prompt token
     generated: list[int] = dataclasses.field(default_factory=list)
     cancelled: bool = False  # set from any thread; read between steps
     done: bool = False
@@ -249,24 +264,29 @@ class Engine:
 
     Args:
         model: A `PeftModel` (its adapters are served) or a plain causal LM (adapters can be
-            attached later). Any decoder whose layers keep a plain key/value cache works:
-            Llama, Qwen2, Mistral without sliding window, GPT-2, ...
+            attached later): any decoder-only transformers model whose layers are full or
+            sliding-window attention (Llama, Mistral, Qwen2, Gemma, GPT-2, ...).
         tokenizer: The model's tokenizer (for decoding text and finding stop strings).
-        max_batch_size: Most sequences decoded together; more wait for a free row. Default 16.
+        max_batch_size: Most sequences decoded together (KV-cache slots); more wait for a free
+            slot. Default 16.
         eos_token_ids: Tokens that end a sequence. Default: the tokenizer's and the model's
             generation_config's end-of-sequence ids.
+        kv_chunk: Columns the KV cache starts with and grows by. Default 256.
 
     Raises:
-        ValueError: the model is encoder-decoder, or has sliding-window / non-attention layers.
+        ValueError: the model is encoder-decoder, or has layers other than full or
+            sliding-window attention (linear attention, state-space, shared KV, ...).
     """
 
     def __init__(self, model: nn.Module, tokenizer: Any, max_batch_size: int = 16,
-                 eos_token_ids: set[int] | None = None) -> None:
+                 eos_token_ids: set[int] | None = None, kv_chunk: int = 256) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         self._peft: PeftModel | None = model if isinstance(model, PeftModel) else None
         self._base: nn.Module = model.get_base_model() if isinstance(model, PeftModel) else model
         _check_supported(self._base)
+        self._cache = SlotCache(self._base.config, slots=max_batch_size, chunk=kv_chunk)
+        self._column = 0  # t: the cache column every running row writes its next token at
         self._base.eval()
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
@@ -276,12 +296,13 @@ class Engine:
         forward_params = inspect.signature(self._base.forward).parameters
         self._cache_kwarg = "cache" if "cache" in forward_params else "past_key_values"
         self._keep_last_logits = "logits_to_keep" in forward_params
+        self._pass_cache_position = "cache_position" in forward_params  # transformers that masks by it
 
         self._wakeup = threading.Condition()  # guards _waiting, _jobs, _stopping
         self._waiting: collections.deque[_Sequence] = collections.deque()
         self._jobs: list[tuple[Callable[[], Any], concurrent.futures.Future]] = []
         self._stopping = False
-        self._running: list[_Sequence] = []  # engine thread only
+        self._running: list[_Sequence] = []  # engine thread only; self._running[i].slot == i
         self._thread: threading.Thread | None = None
 
     # --- lifecycle -------------------------------------------------------------------------------
@@ -428,15 +449,16 @@ class Engine:
             except Exception as err:  # a bug outside the per-request guards: fail the batch, keep serving
                 for seq in self._running:
                     self._fail(seq, err)
-                self._running = []
+                self._compact()
 
     def _step(self) -> None:
-        """Drop cancelled rows, admit and prefill new ones, then one decode forward for all."""
+        """Drop cancelled rows, prefill the admitted prompts together, then one decode forward for all."""
         for seq in [s for s in self._running if s.cancelled]:
             self.stats.cancelled += 1
             self._finish(seq)
-        self._running = [s for s in self._running if not s.done]
-        while len(self._running) < self.max_batch_size:
+        self._compact()
+        admitted = []
+        while len(self._running) + len(admitted) < self.max_batch_size:
             with self._wakeup:
                 if not self._waiting:
                     break
@@ -445,74 +467,149 @@ class Engine:
                 self.stats.cancelled += 1
                 self._finish(seq)
             else:
-                self._prefill(seq)
+                admitted.append(seq)
+        if admitted:
+            self._prefill(admitted)
+            self._compact()
         if self._running:
-            self._decode(list(self._running))
-            self._running = [s for s in self._running if not s.done]
+            self._decode()
+            self._compact()
 
-    def _prefill(self, seq: _Sequence) -> None:
-        """Run one prompt alone, (1, P): its KV cache and its first token."""
-        try:
-            input_ids = torch.tensor([seq.prompt_ids], device=self.device)  # (1, P)
-            extra = {"logits_to_keep": 1} if self._keep_last_logits else {}
-            out = self._forward([seq.adapter], input_ids=input_ids, cache=_new_cache(), **extra)
-            seq.kv = _cache_layers(_output_cache(out))
-            self.stats.prefills += 1
-            self._advance(seq, out.logits[0, -1].float().cpu())
-        except Exception as err:
-            self._fail(seq, err)
+    # --- slots and columns ---------------------------------------------------------------------------
+
+    def _compact(self) -> None:
+        """Drop finished rows; the last rows move into the freed slots, so slots stay 0..B-1."""
+        alive = [seq for seq in self._running if not seq.done]
+        if len(alive) == len(self._running):
             return
-        if not seq.done:
-            self._running.append(seq)
+        holes = sorted(set(range(len(alive))) - {seq.slot for seq in alive})
+        movers = sorted((seq for seq in alive if seq.slot >= len(alive)), key=lambda seq: seq.slot)
+        for hole, seq in zip(holes, movers):
+            self._cache.copy_slot(seq.slot, hole, seq.start, self._column)
+            seq.slot = hole
+        self._running = sorted(alive, key=lambda seq: seq.slot)
+        if not self._running:
+            self._column = 0
 
-    def _decode(self, seqs: list[_Sequence]) -> None:
-        """One forward for `seqs`; on failure, each row alone so only the broken one fails."""
+    def _make_room(self, before: int) -> None:
+        """Columns for the next forward: t >= `before` (a prefill's length) and t < capacity.
+
+        Moves the running rows' columns right when t < before, or left (down to the oldest row's
+        start, keeping t >= before) when t has reached the capacity; grows the buffers by chunks
+        when that is not enough.
+        """
+        rows = slice(0, len(self._running))
+        if not self._running:
+            self._column = before
+        oldest = min((seq.start for seq in self._running), default=self._column)
+        shift = max(before - self._column, 0)
+        if shift == 0 and self._column + 1 > self._cache.capacity:
+            shift = -min(oldest, self._column - before)
+        self._cache.ensure_capacity(self._column + shift + 1)  # before moving right, so the columns exist
+        if shift:
+            self._cache.move_columns(rows, oldest, self._column, oldest + shift)
+            for seq in self._running:
+                seq.start += shift
+            self._column += shift
+
+    # --- prefill and decode ----------------------------------------------------------------------------
+
+    def _prefill(self, seqs: list[_Sequence]) -> None:
+        """One forward for the admitted prompts (left-padded), into slots [B, B + G): each one's
+        first token. On failure, each prompt alone, so only the broken one fails."""
         try:
-            logits = self._decode_forward(seqs).float().cpu()  # (B, vocab)
+            logits = self._prefill_forward(seqs).float().cpu()  # (G, vocab)
         except Exception as err:
             if len(seqs) == 1:
                 self._fail(seqs[0], err)
             else:
                 for seq in seqs:
-                    self._decode([seq])
+                    self._prefill([seq])
             return
-        self.stats.decode_batch_sizes[len(seqs)] += 1
+        self.stats.prefills += len(seqs)
+        self.stats.prefill_batch_sizes[len(seqs)] += 1
         for row, seq in enumerate(seqs):
+            seq.slot = len(self._running)
+            self._running.append(seq)
             try:
                 self._advance(seq, logits[row])
             except Exception as err:
                 self._fail(seq, err)
 
-    def _decode_forward(self, seqs: list[_Sequence]) -> torch.Tensor:
-        """Stack the rows' caches (left-padded), run one token per row, split the caches back.
+    def _prefill_forward(self, seqs: list[_Sequence]) -> torch.Tensor:
+        """The prompts at columns [t - P, t) of the next free slots.
 
         Returns:
-            (B, vocab) logits of each row's next token.
+            (G, vocab) logits of each prompt's last token.
         """
-        lengths = [seq.cache_len for seq in seqs]
-        longest = max(lengths)
-        batch_kv = [
-            (torch.cat([F.pad(seq.kv[i][0], (0, 0, longest - n, 0)) for seq, n in zip(seqs, lengths)]),  # (B, h, L, d)
-             torch.cat([F.pad(seq.kv[i][1], (0, 0, longest - n, 0)) for seq, n in zip(seqs, lengths)]))
-            for i in range(len(seqs[0].kv))
-        ]
-        attention_mask = torch.tensor([[0] * (longest - n) + [1] * (n + 1) for n in lengths], device=self.device)
-        out = self._forward(
-            [seq.adapter for seq in seqs],
-            input_ids=torch.tensor([[seq.generated[-1]] for seq in seqs], device=self.device),  # (B, 1)
-            attention_mask=attention_mask,                                                      # (B, L + 1)
-            position_ids=torch.tensor([[n] for n in lengths], device=self.device),             # (B, 1)
-            cache=_make_cache(batch_kv),
-        )
-        new_kv = _cache_layers(_output_cache(out))  # (B, h, L + 1, d) per layer
-        for row, (seq, n) in enumerate(zip(seqs, lengths)):
-            start = longest - n  # drop this row's padding; keep its n old positions and the new one
-            seq.kv = [(k[row:row + 1, :, start:], v[row:row + 1, :, start:]) for k, v in new_kv]
+        longest = max(len(seq.prompt_ids) for seq in seqs)
+        self._make_room(longest)
+        first, t = len(self._running), self._column
+        pads = [longest - len(seq.prompt_ids) for seq in seqs]
+        input_ids = torch.tensor([[0] * pad + seq.prompt_ids for seq, pad in zip(seqs, pads)])     # (G, P)
+        positions = (torch.arange(longest)[None, :] - torch.tensor(pads)[:, None]).clamp(min=0)    # (G, P)
+        starts = torch.tensor([t - longest + pad for pad in pads])                                 # (G,)
+        attention_mask = (torch.arange(t)[None, :] >= starts[:, None]).long()                      # (G, t)
+        self._cache.plan(slice(first, first + len(seqs)), write_at=t - longest, attend_from=t - longest)
+        extra = {"logits_to_keep": 1} if self._keep_last_logits else {}
+        out = self._forward([seq.adapter for seq in seqs], input_ids=input_ids, attention_mask=attention_mask,
+                            position_ids=positions, first_column=t - longest, **extra)
+        for seq, start in zip(seqs, starts.tolist()):
+            seq.start = start
         return out.logits[:, -1]
 
-    def _forward(self, adapter_names: list[str], cache: Any, **inputs: Any) -> Any:
-        """The model's forward with per-row adapters (the base alone when none is attached)."""
-        inputs[self._cache_kwarg] = cache
+    def _decode(self) -> None:
+        """One forward for every running row; on failure, each row alone so only the broken one fails."""
+        self._make_room(0)
+        rows = self._running
+        try:
+            logits = self._decode_forward(0, len(rows)).float().cpu()  # (B, vocab)
+        except Exception as err:
+            logits = None
+            if len(rows) == 1:
+                self._fail(rows[0], err)
+        if logits is None and len(rows) > 1:
+            for seq in rows:
+                try:
+                    self._advance(seq, self._decode_forward(seq.slot, seq.slot + 1).float().cpu()[0])
+                except Exception as err:
+                    self._fail(seq, err)
+        elif logits is not None:
+            self.stats.decode_batch_sizes[len(rows)] += 1
+            for seq in rows:
+                try:
+                    self._advance(seq, logits[seq.slot])
+                except Exception as err:
+                    self._fail(seq, err)
+        self._column += 1
+
+    def _decode_forward(self, first: int, stop: int) -> torch.Tensor:
+        """Slots [first, stop): each row's newest token at column t.
+
+        Returns:
+            (stop - first, vocab) logits of each row's next token.
+        """
+        seqs, t = self._running[first:stop], self._column
+        starts = torch.tensor([seq.start for seq in seqs])                                         # (B,)
+        attention_mask = (torch.arange(t + 1)[None, :] >= starts[:, None]).long()                  # (B, t + 1)
+        self._cache.plan(slice(first, stop), write_at=t, attend_from=int(starts.min()))
+        out = self._forward(
+            [seq.adapter for seq in seqs],
+            input_ids=torch.tensor([[seq.generated[-1]] for seq in seqs]),                        # (B, 1)
+            attention_mask=attention_mask,
+            position_ids=torch.tensor([[seq.cache_len] for seq in seqs]),                          # (B, 1)
+            first_column=t,
+        )
+        return out.logits[:, -1]
+
+    def _forward(self, adapter_names: list[str], first_column: int, **inputs: Any) -> Any:
+        """The model's forward on the planned slot cache, with per-row adapters (the base alone
+        when none is attached). Tensors are built on the CPU and moved here."""
+        inputs = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+        inputs[self._cache_kwarg] = self._cache
+        if self._pass_cache_position:
+            inputs["cache_position"] = torch.arange(first_column, first_column + inputs["input_ids"].shape[1],
+                                                    device=self.device)
         if self._peft is not None and self._peft.peft_config:
             return self._peft(adapter_names=adapter_names, use_cache=True, **inputs)
         unknown = sorted(set(adapter_names) - {BASE_ADAPTER})
@@ -555,7 +652,6 @@ class Engine:
         if seq.done:
             return
         seq.done = True
-        seq.kv = []
         if seq.on_done is not None:
             try:
                 seq.on_done()
@@ -563,49 +659,15 @@ class Engine:
                 pass  # a bookkeeping callback must not take the engine down
 
 
-# --- the model's cache, across transformers versions ------------------------------------------------
+# --- which models -----------------------------------------------------------------------------------
 
 def _check_supported(model: nn.Module) -> None:
-    """Refuse models whose cache is not one plain key/value tensor pair per layer."""
+    """Refuse what the engine cannot serve (the slot cache refuses layer kinds it cannot hold)."""
     config = getattr(model, "config", None)
     if config is None or not hasattr(model, "generate"):
         raise ValueError("lorakit serve needs a transformers causal LM (with .config and .generate)")
     if getattr(config, "is_encoder_decoder", False):
         raise ValueError("lorakit serve supports decoder-only models, not encoder-decoder ones")
-    try:
-        from transformers.cache_utils import DynamicCache, DynamicLayer
-
-        layers = DynamicCache(config=config).layers
-    except (ImportError, TypeError, AttributeError):  # transformers 4.x: no per-layer cache types to check
-        return
-    odd = sorted({type(layer).__name__ for layer in layers if type(layer) is not DynamicLayer})
-    if odd:
-        raise ValueError(f"lorakit serve supports full-attention decoders only; this model's cache has {odd} layers")
-
-
-def _new_cache() -> Any:
-    from transformers import DynamicCache
-
-    return DynamicCache()
-
-
-def _make_cache(layers: KVLayers) -> Any:
-    from transformers import DynamicCache
-
-    if hasattr(DynamicCache, "from_legacy_cache"):  # transformers 4.x
-        return DynamicCache.from_legacy_cache(tuple(layers))
-    return DynamicCache(layers)
-
-
-def _cache_layers(cache: Any) -> KVLayers:
-    if hasattr(cache, "layers"):
-        return [(layer.keys, layer.values) for layer in cache.layers]
-    return list(zip(cache.key_cache, cache.value_cache))  # transformers 4.x
-
-
-def _output_cache(out: Any) -> Any:
-    cache = getattr(out, "cache", None)
-    return cache if cache is not None else out.past_key_values
 
 
 def _eos_ids(model: nn.Module, tokenizer: Any) -> set[int]:
