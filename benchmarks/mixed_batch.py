@@ -160,7 +160,8 @@ def section(tables: list[str], spec: ModelSpec, rounds: int, warmup: int, clock:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a small model and few rounds")
-    parser.add_argument("--adapters", type=int, nargs="*", help=f"adapter counts (default {' '.join(map(str, ADAPTERS))})")
+    parser.add_argument("--adapters", type=int, nargs="*",
+                        help=f"adapter counts (default {' '.join(map(str, ADAPTERS))})")
     parser.add_argument("--repeat", type=int, default=1, help="whole runs, one table each (the spread)")
     common.add_timing_args(parser, rounds=(7, 3), warmup=1)
     parser.add_argument("--write-docs", action="store_true", help="put the tables into docs/benchmarks.md")

@@ -28,8 +28,11 @@ Freshness: `stack_for(layer, names)` keeps one stack per layer (weakly keyed: it
 layer) and rebuilds it whole when anything it was built from differs: the layer's adapter
 names, the routed adapters' records (`AdapterSpec`), or any of their factor tensors (which
 tensor object, its storage pointer, its `_version`: in-place training steps, `load_state_dict`,
-`.data =` and `.to()` all change one). A build costs one copy of the layer's adapters, once
-per change; the check costs a few attribute reads per routed adapter and layer.
+`.data =` and `.to()` all change one). Writes through `.data` (`p.data.mul_(2)`) change none,
+as autograd does not see them either: after such a write call `clear()`. A build costs one
+copy of the layer's adapters, once per change; the check costs a few attribute reads per
+routed adapter and layer. A deleted adapter's slot and its old tensors are held until the
+layer's next mixed forward rebuilds the stack (or `clear()`).
 """
 
 from __future__ import annotations
@@ -170,6 +173,12 @@ class LoraStack:
         return (out3.add_(delta) if in_place else out3 + delta).reshape(result.shape)
 
 _STACKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def clear() -> None:
+    """Drop every layer's stack (each is rebuilt at its next mixed forward): needed only after
+    writing into a factor through `.data`, which changes no version counter."""
+    _STACKS.clear()
 
 
 def stack_for(layer, names: list[str]) -> LoraStack:
