@@ -26,6 +26,15 @@ def alone(model, name, ids):
         return model(ids).logits
 
 
+def generate_alone(model, name, ids, **kw):
+    """`generate` on `ids` with adapter `name` alone (BASE_ADAPTER: adapters disabled)."""
+    if name == BASE_ADAPTER:
+        with model.disable_adapter():
+            return model.generate(input_ids=ids, **kw)
+    model.set_adapter(name)
+    return model.generate(input_ids=ids, **kw)
+
+
 def test_each_row_matches_its_adapter_alone():
     model = three_adapters()
     ids = torch.randint(0, 100, (6, 7), generator=torch.Generator().manual_seed(0))
@@ -44,13 +53,7 @@ def test_generate_with_mixed_adapters_matches_single_runs():
     with torch.no_grad():
         mixed = model.generate(input_ids=ids, adapter_names=names, **kw)
         for row, name in enumerate(names):
-            if name == BASE_ADAPTER:
-                with model.disable_adapter():
-                    single = model.generate(input_ids=ids[row:row + 1], **kw)
-            else:
-                model.set_adapter(name)
-                single = model.generate(input_ids=ids[row:row + 1], **kw)
-            assert torch.equal(mixed[row], single[0])
+            assert torch.equal(mixed[row], generate_alone(model, name, ids[row:row + 1], **kw)[0])
 
 
 def test_modules_to_save_route_per_row():
@@ -150,13 +153,7 @@ def test_generate_with_repeated_rows_matches_single_runs(stack_calls):
         out = model.generate(input_ids=ids, adapter_names=names, **kw)  # (6, T): each row twice
         assert stack_calls["apply"]
         for row, name in enumerate(names):
-            if name == BASE_ADAPTER:
-                with model.disable_adapter():
-                    single = model.generate(input_ids=ids[row:row + 1], **kw)
-            else:
-                model.set_adapter(name)
-                single = model.generate(input_ids=ids[row:row + 1], **kw)
-            assert torch.equal(out[2 * row:2 * row + 2], single)
+            assert torch.equal(out[2 * row:2 * row + 2], generate_alone(model, name, ids[row:row + 1], **kw))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
