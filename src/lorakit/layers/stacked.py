@@ -50,17 +50,22 @@ ZERO_SLOT = 0  # slot of rows that add nothing
 
 
 def factor_tensors(layer, name: str) -> tuple[torch.Tensor, ...]:
-    """Adapter `name`'s factor tensors in `layer`: (A, B) or (A, B, B's bias)."""
+    """Adapter `name`'s factor tensors in `layer`: (A, B) or (A, B, B's bias).
+
+    Read through the factor modules' parameter dicts: it runs for every routed adapter of every
+    layer on each forward (the freshness check), where `module.weight` costs several times more.
+    """
     if isinstance(layer, Embedding):
         return layer.lora_embedding_A[name], layer.lora_embedding_B[name]
-    b = layer.lora_B[name]
-    a = layer.lora_A[name].weight
-    return (a, b.weight) if b.bias is None else (a, b.weight, b.bias)
+    a = layer.lora_A[name]._parameters
+    b = layer.lora_B[name]._parameters
+    bias = b.get("bias")
+    return (a["weight"], b["weight"]) if bias is None else (a["weight"], b["weight"], bias)
 
 
-def _fingerprint(tensors: tuple[torch.Tensor, ...]) -> tuple[tuple[int, int, int], ...]:
-    """What says a tensor is unchanged: which object, its storage and its in-place version."""
-    return tuple((id(t), t.data_ptr(), t._version) for t in tensors)
+def _fingerprint(tensors: tuple[torch.Tensor, ...]) -> tuple[int, ...]:
+    """What says the tensors are unchanged: which objects, their storage and in-place versions."""
+    return tuple(v for t in tensors for v in (id(t), t.data_ptr(), t._version))
 
 
 def supports(layer) -> bool:
@@ -133,9 +138,10 @@ class LoraStack:
         """Whether this stack still holds what `layer` holds for adapters `names` (each in the layer)."""
         if tuple(layer.adapters) != self.names:
             return False
+        adapters, specs, sources = layer.adapters, self.specs, self.sources
         for name in names:
-            if (layer.adapters[name] is not self.specs[name] or name not in self.slots
-                    or _fingerprint(factor_tensors(layer, name)) != self.sources[name]):
+            if (adapters[name] is not specs[name] or name not in sources
+                    or _fingerprint(factor_tensors(layer, name)) != sources[name]):
                 return False
         return True
 
