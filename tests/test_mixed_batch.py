@@ -276,3 +276,13 @@ def test_stack_layout_and_bytes():
     assert stack.a[2, 2:].abs().sum() == 0 and stack.b[2, 2:].abs().sum() == 0  # rank padding: zeros
     torch.testing.assert_close(stack.b[2, :2], q_proj.lora_B["b"].weight.detach().T * spec.scaling)
     assert stacked.stack_for(q_proj, ["a", "b"]) is stack
+
+
+def test_autocast_takes_the_grouped_path(stack_calls):
+    model = three_adapters()
+    ids = torch.randint(0, 100, (3, 6), generator=torch.Generator().manual_seed(9))
+    names = ["a", "b", "c"]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(ids, adapter_names=names).logits
+    assert "Linear" not in stack_calls["apply"]
+    assert_rows_alone(model, ids, names, out.float(), tol=5e-2)

@@ -20,8 +20,9 @@ one product per group on its rows only, one scatter per layer:
 A layer is grouped when a routed adapter in it is not plain LoRA (DoRA's delta reads its rows
 of the output so far, `LoraVariant.reads_output`), has dropout in train mode, when gradients
 must reach its factors (grad mode on and a factor requires grad), when the layer type has no
-stack (Conv; Embedding with max_norm), and on the reference path
-(`autograd.set_lora_path("plain")`, against which the stacked path is tested).
+stack (Conv; Embedding with max_norm), under autocast (whose per-op casts the grouped path
+follows), and on the reference path (`autograd.set_lora_path("plain")`, against which the
+stacked path is tested).
 """
 
 from __future__ import annotations
@@ -105,9 +106,9 @@ class AdapterRouting:
             plan = self._plans[id(layer)] = (layer, routed, stackable)
         return plan[1], plan[2]
 
-    def _stack(self, layer, routed: list[str]) -> stacked.LoraStack | None:
+    def _stack(self, layer, routed: list[str], x: torch.Tensor) -> stacked.LoraStack | None:
         """`layer`'s stack for this forward, or None where the grouped path must run."""
-        if autograd.get_lora_path() == "plain":
+        if autograd.get_lora_path() == "plain" or torch.is_autocast_enabled(x.device.type):
             return None
         if torch.is_grad_enabled() and any(
                 t.requires_grad for n in routed for t in stacked.factor_tensors(layer, n)):
@@ -121,7 +122,7 @@ class AdapterRouting:
         if not routed:
             self.rows_per_name(x.shape[0])  # the batch is still checked
             return result
-        stack = self._stack(layer, routed) if stackable else None
+        stack = self._stack(layer, routed, x) if stackable else None
         if stack is not None:
             # In place only where no graph or hook can hold the base output.
             in_place = not torch.is_grad_enabled() and not layer.base_layer._forward_hooks and result.is_contiguous()
