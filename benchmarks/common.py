@@ -257,6 +257,17 @@ def format_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def write_section(path, start: str, end: str, text: str) -> None:
+    """Put `text` (a section from marker line `start` to `end`) into the file `path` (a Path):
+    replace the previous one, or append it; the rest of the file is left as it is."""
+    import re
+
+    old = path.read_text() if path.exists() else ""
+    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.S)
+    new = pattern.sub(lambda _: text, old) if pattern.search(old) else old.rstrip("\n") + "\n\n" + text + "\n"
+    path.write_text(new)
+
+
 def mib(n_bytes: float) -> str:
     return f"{n_bytes / 2**20:.0f} MiB"
 

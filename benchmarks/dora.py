@@ -22,7 +22,6 @@ the file is left alone).
 from __future__ import annotations
 
 import argparse
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -161,10 +160,7 @@ def section(results: list[Result], spec: ModelSpec, rounds: int, command: str) -
 
 def write_docs(text: str, path: Path = DOCS) -> None:
     """Put `text` (a marked section) into `path`: replace the previous one, or append it."""
-    old = path.read_text() if path.exists() else ""
-    pattern = re.compile(re.escape(SECTION_START) + r".*?" + re.escape(SECTION_END), re.S)
-    new = pattern.sub(lambda _: text, old) if pattern.search(old) else old.rstrip("\n") + "\n\n" + text + "\n"
-    path.write_text(new)
+    common.write_section(path, SECTION_START, SECTION_END, text)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -116,12 +116,11 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def keep_sections(path: Path) -> str:
-    """Sections other benchmarks wrote into the report (e.g. benchmarks.dora's), carried over."""
-    from .dora import SECTION_END, SECTION_START
-
+    """Sections other benchmarks wrote into the report (benchmarks.dora's, benchmarks.mixed_batch's:
+    each between `<!-- benchmarks.NAME: start -->` and `<!-- benchmarks.NAME: end -->`), carried over."""
     old = path.read_text() if path.exists() else ""
-    found = re.search(re.escape(SECTION_START) + r".*?" + re.escape(SECTION_END), old, re.S)
-    return "\n" + found.group(0) + "\n" if found else ""
+    sections = [m.group(0) for m in re.finditer(r"<!-- (benchmarks\.\w+): start -->.*?<!-- \1: end -->", old, re.S)]
+    return "".join("\n" + section + "\n" for section in sections)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lorakit import BASE_ADAPTER, LoraConfig, get_peft_model
-from lorakit.layers import AdapterRouting
+from lorakit.layers import AdapterRouting, autograd, stacked
 
 from conftest import tiny_bert_classifier, tiny_llama
 
@@ -26,6 +26,15 @@ def alone(model, name, ids):
         return model(ids).logits
 
 
+def generate_alone(model, name, ids, **kw):
+    """`generate` on `ids` with adapter `name` alone (BASE_ADAPTER: adapters disabled)."""
+    if name == BASE_ADAPTER:
+        with model.disable_adapter():
+            return model.generate(input_ids=ids, **kw)
+    model.set_adapter(name)
+    return model.generate(input_ids=ids, **kw)
+
+
 def test_each_row_matches_its_adapter_alone():
     model = three_adapters()
     ids = torch.randint(0, 100, (6, 7), generator=torch.Generator().manual_seed(0))
@@ -44,13 +53,7 @@ def test_generate_with_mixed_adapters_matches_single_runs():
     with torch.no_grad():
         mixed = model.generate(input_ids=ids, adapter_names=names, **kw)
         for row, name in enumerate(names):
-            if name == BASE_ADAPTER:
-                with model.disable_adapter():
-                    single = model.generate(input_ids=ids[row:row + 1], **kw)
-            else:
-                model.set_adapter(name)
-                single = model.generate(input_ids=ids[row:row + 1], **kw)
-            assert torch.equal(mixed[row], single[0])
+            assert torch.equal(mixed[row], generate_alone(model, name, ids[row:row + 1], **kw)[0])
 
 
 def test_modules_to_save_route_per_row():
@@ -86,3 +89,200 @@ def test_routing_groups_rows_once_and_repeats_for_beams():
     assert [(n, r.tolist()) for n, r in groups] == [("a", [0, 2]), ("b", [3])]
     assert routing.groups(4, torch.device("cpu")) is groups  # built once per batch shape
     assert [(n, r.tolist()) for n, r in routing.groups(8, torch.device("cpu"))] == [("a", [0, 1, 4, 5]), ("b", [6, 7])]
+
+
+# --- the stacked path (layers.stacked): one gathered product per factor for the whole batch ---------------
+
+@pytest.fixture
+def stack_calls(monkeypatch):
+    """Counts of stacked products and stack builds, per layer type: {"apply": {type: n}, "build": {type: n}}."""
+    calls = {"apply": {}, "build": {}}
+    apply, build = stacked.LoraStack.apply, stacked.LoraStack.__init__
+
+    def counted_apply(self, x, result, idx, in_place):
+        key = "Embedding" if self.embedding else "Linear"
+        calls["apply"][key] = calls["apply"].get(key, 0) + 1
+        return apply(self, x, result, idx, in_place)
+
+    def counted_build(self, layer):
+        calls["build"][type(layer).__name__] = calls["build"].get(type(layer).__name__, 0) + 1
+        build(self, layer)
+
+    monkeypatch.setattr(stacked.LoraStack, "apply", counted_apply)
+    monkeypatch.setattr(stacked.LoraStack, "__init__", counted_build)
+    return calls
+
+
+def five_adapters():
+    """Ranks 4, 2, 8, 6, 3; alphas; rsLoRA; lora_bias; adapters on some layers only; one on the embedding."""
+    model = three_adapters()
+    model.add_adapter("rs", LoraConfig(r=6, lora_alpha=3, use_rslora=True, init_lora_weights=False,
+                                       target_modules=["k_proj", "down_proj"]))
+    model.add_adapter("bias", LoraConfig(r=3, lora_alpha=5, lora_bias=True, init_lora_weights=False,
+                                         target_modules=["q_proj", "gate_proj"]))
+    return model.eval()
+
+
+def mixed(model, ids, names, plain=False):
+    with torch.no_grad(), autograd.lora_path("plain" if plain else "function"):
+        return model(ids, adapter_names=names).logits
+
+
+def assert_rows_alone(model, ids, names, out, tol=1e-5):
+    for row, name in enumerate(names):
+        torch.testing.assert_close(out[row], alone(model, name, ids[row:row + 1])[0], rtol=tol, atol=tol)
+
+
+def test_stacked_rows_match_alone_and_the_grouped_path(stack_calls):
+    model = five_adapters()
+    ids = torch.randint(0, 100, (7, 6), generator=torch.Generator().manual_seed(3))
+    names = ["rs", "b", BASE_ADAPTER, "bias", "c", "a", "rs"]
+    out = mixed(model, ids, names)
+    assert stack_calls["apply"]["Linear"] == 2 * 7  # every decoder linear ("b" is all-linear), one product each
+    assert stack_calls["apply"]["Embedding"] == 1
+    torch.testing.assert_close(out, mixed(model, ids, names, plain=True), rtol=1e-5, atol=1e-5)
+    assert_rows_alone(model, ids, names, out)
+
+
+def test_generate_with_repeated_rows_matches_single_runs(stack_calls):
+    model = five_adapters()
+    ids = torch.randint(1, 100, (3, 5), generator=torch.Generator().manual_seed(4))
+    names = ["bias", BASE_ADAPTER, "rs"]
+    kw = dict(max_new_tokens=5, do_sample=False, num_beams=2, num_return_sequences=2, pad_token_id=0)
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, adapter_names=names, **kw)  # (6, T): each row twice
+        assert stack_calls["apply"]
+        for row, name in enumerate(names):
+            assert torch.equal(out[2 * row:2 * row + 2], generate_alone(model, name, ids[row:row + 1], **kw))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_base(dtype, stack_calls):
+    model = get_peft_model(tiny_llama().to(dtype), LoraConfig(r=4, init_lora_weights=False,
+                                                              target_modules="all-linear"), adapter_name="a")
+    model.add_adapter("b", LoraConfig(r=8, lora_alpha=16, init_lora_weights=False, target_modules=["v_proj"]))
+    model.eval()
+    ids = torch.randint(0, 100, (4, 6), generator=torch.Generator().manual_seed(5))
+    names = ["b", "a", BASE_ADAPTER, "a"]
+    out = mixed(model, ids, names)
+    assert out.dtype == dtype and stack_calls["apply"]["Linear"]
+    # The same additions in the same dtype as the grouped path; a row alone differs by rounding only.
+    torch.testing.assert_close(out, mixed(model, ids, names, plain=True), rtol=1e-2, atol=1e-2)
+    assert_rows_alone(model, ids, names, out, tol=5e-2)
+
+
+def test_4bit_base_uses_the_stack(stack_calls):
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, init_lora_weights=False, target_modules=["q_proj", "up_proj"]),
+                           adapter_name="a", quantize="nf4")
+    model.add_adapter("b", LoraConfig(r=2, init_lora_weights=False, target_modules=["up_proj"]))
+    model.eval()
+    ids = torch.randint(0, 100, (3, 5), generator=torch.Generator().manual_seed(6))
+    names = ["a", "b", BASE_ADAPTER]
+    out = mixed(model, ids, names)
+    assert stack_calls["apply"]["Linear"] == 4
+    assert_rows_alone(model, ids, names, out)
+
+
+def test_dora_layers_take_the_grouped_path(stack_calls):
+    model = three_adapters()
+    model.add_adapter("d", LoraConfig(r=4, use_dora=True, init_lora_weights=False, target_modules=["q_proj"]))
+    model.eval()
+    ids = torch.randint(0, 100, (4, 6), generator=torch.Generator().manual_seed(7))
+    names = ["d", "a", "b", BASE_ADAPTER]
+    out = mixed(model, ids, names)
+    assert stack_calls["apply"]["Linear"] == 2 * 7 - 2  # both q_proj layers hold "d": grouped
+    assert_rows_alone(model, ids, names, out)
+
+
+def test_dropout_in_train_mode_and_gradients_take_the_grouped_path(stack_calls):
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_dropout=0.5, init_lora_weights=False,
+                                                    target_modules=["q_proj"]), adapter_name="a")
+    model.add_adapter("b", LoraConfig(r=2, init_lora_weights=False, target_modules=["q_proj"]))
+    ids = torch.randint(0, 100, (2, 6))
+    model.train()
+    with torch.no_grad():
+        model(ids, adapter_names=["a", "b"])
+    assert not stack_calls["apply"]  # "a" drops out in train mode
+    model.eval()
+    loss = model(ids, adapter_names=["a", "b"]).logits.square().mean()  # grad mode: the factors need gradients
+    assert not stack_calls["apply"]
+    loss.backward()
+    for layer in model.base_model.model.model.layers:  # "a" is the trainable adapter
+        assert layer.self_attn.q_proj.lora_B["a"].weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        model(ids, adapter_names=["a", "b"])
+    assert stack_calls["apply"]["Linear"] == 2  # eval, no gradients: stacked
+
+
+def test_stack_is_built_once_and_rebuilt_on_every_change(stack_calls, tmp_path):
+    model = three_adapters()
+    ids = torch.randint(0, 100, (3, 6), generator=torch.Generator().manual_seed(8))
+    names = ["a", "b", "c"]
+    n_layers = 2 * 7 + 1  # "b" on every linear, "c" on the embedding
+    with torch.inference_mode():  # a stack built here still serves forwards outside inference mode
+        mixed(model, ids, names)
+    mixed(model, ids, names)
+    assert sum(stack_calls["build"].values()) == n_layers  # two forwards, one build per layer
+    q_proj = model.base_model.model.model.layers[0].self_attn.q_proj
+
+    def rebuilt_and_right() -> bool:
+        before = sum(stack_calls["build"].values())
+        out = mixed(model, ids, names)
+        assert_rows_alone(model, ids, names, out)
+        return sum(stack_calls["build"].values()) > before
+
+    with torch.no_grad():  # trained in place (a training step writes .add_ into the parameter)
+        q_proj.lora_B["a"].weight.add_(0.5)
+    assert rebuilt_and_right()
+    with torch.no_grad():  # the storage swapped (what a load into an existing adapter does)
+        q_proj.lora_A["b"].weight.data = torch.randn_like(q_proj.lora_A["b"].weight)
+    assert rebuilt_and_right()
+    q_proj.lora_B["a"].weight = torch.nn.Parameter(torch.randn_like(q_proj.lora_B["a"].weight))  # a new tensor
+    assert rebuilt_and_right()
+    embedding_b = model.base_model.model.model.embed_tokens.lora_embedding_B["c"]
+    with torch.no_grad():
+        embedding_b.mul_(2)
+    assert rebuilt_and_right()
+    assert not rebuilt_and_right()  # nothing changed since
+    embedding_b.data.mul_(2)  # through .data: no version bump, as autograd does not see it either ...
+    stacked.clear()  # ... so the stacks are dropped by hand
+    assert rebuilt_and_right()
+    model.add_adapter("e", LoraConfig(r=16, init_lora_weights=False, target_modules=["q_proj"]))
+    names = ["e", "b", "a"]
+    assert rebuilt_and_right()
+    model.base_model.delete_adapter("e")
+    names = ["a", "b", "c"]
+    assert rebuilt_and_right()
+    model.save_pretrained(tmp_path / "saved", selected_adapters=["a"])
+    model.base_model.delete_adapter("a")
+    model.load_adapter(tmp_path / "saved" / "a", adapter_name="a")  # (a non-default name: its subfolder)
+    model.eval()
+    assert rebuilt_and_right()
+    model.merge_adapter(["a"])
+    model.unmerge_adapter()
+    assert not rebuilt_and_right()  # merging changes the base weight, which the stack does not hold
+
+
+def test_stack_layout_and_bytes():
+    model = five_adapters()
+    q_proj = model.base_model.model.model.layers[0].self_attn.q_proj  # a (r=4), b (r=2), bias (r=3)
+    stack = stacked.stack_for(q_proj, ["a"])
+    assert stack.slots == {"a": 1, "b": 2, "bias": 3}
+    assert tuple(stack.a.shape) == (4, 4, 32) and tuple(stack.b.shape) == (4, 4, 32)
+    assert stack.nbytes == 4 * (4 * 4 * 32 * 2 + 4 * 32)
+    assert stack.a[0].abs().sum() == 0 and stack.b[0].abs().sum() == 0 and stack.bias[0].abs().sum() == 0
+    spec = q_proj.adapters["b"]
+    torch.testing.assert_close(stack.a[2, :2], q_proj.lora_A["b"].weight.detach())
+    assert stack.a[2, 2:].abs().sum() == 0 and stack.b[2, 2:].abs().sum() == 0  # rank padding: zeros
+    torch.testing.assert_close(stack.b[2, :2], q_proj.lora_B["b"].weight.detach().T * spec.scaling)
+    assert stacked.stack_for(q_proj, ["a", "b"]) is stack
+
+
+def test_autocast_takes_the_grouped_path(stack_calls):
+    model = three_adapters()
+    ids = torch.randint(0, 100, (3, 6), generator=torch.Generator().manual_seed(9))
+    names = ["a", "b", "c"]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(ids, adapter_names=names).logits
+    assert "Linear" not in stack_calls["apply"]
+    assert_rows_alone(model, ids, names, out.float(), tol=5e-2)

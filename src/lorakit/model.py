@@ -173,15 +173,31 @@ class LoraModel(nn.Module):
 
     # --- walking the wrappers ------------------------------------------------------------------
 
+    def _modules_to_wrappers(self) -> Iterator[tuple[str, nn.Module]]:
+        """(path, module) in `named_modules` order, without looking inside a LoRA layer (a mixed
+        batch walks the model each forward, and each adapter adds two modules to every layer)."""
+        seen: set[int] = set()
+
+        def walk(path: str, module: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+            if id(module) in seen:
+                return
+            seen.add(id(module))
+            yield path, module
+            if not isinstance(module, LoraLayer):
+                for name, child in module.named_children():
+                    yield from walk(f"{path}.{name}" if path else name, child)
+
+        return walk("", self.model)
+
     def lora_layers(self) -> Iterator[tuple[str, LoraLayer]]:
         """(path, layer) of every LoRA wrapper in the model."""
-        for path, module in self.model.named_modules():
+        for path, module in self._modules_to_wrappers():
             if isinstance(module, LoraLayer):
                 yield path, module
 
     def wrappers(self) -> list[tuple[str, LoraLayer | ModulesToSave]]:
         """(path, wrapper) of every LoRA layer and modules_to_save copy holder in the model."""
-        return [(p, m) for p, m in self.model.named_modules() if isinstance(m, (LoraLayer, ModulesToSave))]
+        return [(p, m) for p, m in self._modules_to_wrappers() if isinstance(m, (LoraLayer, ModulesToSave))]
 
     def replace_module(self, path: str, new: nn.Module) -> None:
         """Put `new` at `path` in the user's model (where a wrapper or its base goes)."""

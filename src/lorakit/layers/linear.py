@@ -11,7 +11,8 @@ The forward runs the update through `autograd.lora_linear` (a hand-written autog
 that keeps no activation of its own, see autograd.py) unless the plain path is selected
 (`autograd.set_lora_path("plain")` or LORAKIT_LORA_PATH=plain), in which case it is
 `base(x) + lora_delta(x)` in plain autograd ops: the reference both paths are tested against.
-Merged, disabled, mixed-adapter (routing) and autocast forwards take the plain path.
+Merged, disabled and autocast forwards take the plain path; a mixed-adapter forward is
+`routing`'s (the stacked product of `layers.stacked`, or the plain path per adapter group).
 
 Each adapter's forward and merge go through its variant (`layers.variant`): plain LoRA's is
 the Function above; DoRA's (`layers.dora.DoraVariant`) keeps a magnitude per output row in

@@ -1,19 +1,36 @@
 """Mixed-adapter batches: which rows of a batch use which adapter.
 
-The model builds one `AdapterRouting` per forward from the per-row adapter names, groups the
-rows by adapter once, and hands the same object to every LoRA layer. Each layer then runs one
-product per group on that group's rows only (so rows never see another adapter's weights) and
-adds all groups' results into the output with a single scatter:
+The model builds one `AdapterRouting` per forward from the per-row adapter names and hands the
+same object to every LoRA layer. A layer takes one of two paths, chosen once per routing:
+
+Stacked (the default, Punica / S-LoRA style): the layer's plain-LoRA adapters live stacked,
+zero-padded to the largest rank, slot 0 all zeros (`layers.stacked.LoraStack`); each row's
+slot goes into one index tensor `idx` (B,) (base rows and adapters that do not target the
+layer: slot 0), and the whole batch takes one gathered product per factor, with no loop over
+adapters:
+
+    x: (B, L, in) -> h = x @ A[idx]^T (B, L, r_max) -> result + h @ (s · B)^T[idx] (B, L, out)
+
+Grouped (everything the stack cannot express): rows grouped by adapter once per batch shape,
+one product per group on its rows only, one scatter per layer:
 
     x: (B, ...) -> for each adapter g: delta_g = lora(x[rows_g])  (n_g, ..., out)
     result.index_add_(0, cat(rows_g), cat(delta_g))                  one scatter per layer
 
-A variant whose delta reads the output so far (DoRA's) gets its rows of it (`LoraVariant.reads_output`).
+A layer is grouped when a routed adapter in it is not plain LoRA (DoRA's delta reads its rows
+of the output so far, `LoraVariant.reads_output`), has dropout in train mode, when gradients
+must reach its factors (grad mode on and a factor requires grad), when the layer type has no
+stack (Conv; Embedding with max_norm), under autocast (whose per-op casts the grouped path
+follows), and on the reference path (`autograd.set_lora_path("plain")`, against which the
+stacked path is tested).
 """
 
 from __future__ import annotations
 
 import torch
+
+from . import autograd, stacked
+from .variant import PLAIN
 
 BASE_ADAPTER = "__base__"  # the row runs the base model alone
 
@@ -32,6 +49,19 @@ class AdapterRouting:
     def __init__(self, adapter_names: list[str]) -> None:
         self.adapter_names = list(adapter_names)
         self._groups: dict[tuple[int, torch.device], list[tuple[str, torch.Tensor]]] = {}
+        self._plans: dict[int, tuple[object, list[str], bool]] = {}  # id(layer) -> (layer, routed names, stackable)
+        self._slots: dict[tuple[int, int, torch.device], tuple[stacked.LoraStack, torch.Tensor]] = {}
+
+    def rows_per_name(self, batch_size: int) -> int:
+        """How many consecutive rows each name covers (1, or k for k repeats per row).
+
+        Raises:
+            ValueError: the batch size is not a multiple of the number of names.
+        """
+        n = len(self.adapter_names)
+        if batch_size % n:
+            raise ValueError(f"adapter_names has {n} entries but the batch has {batch_size} rows")
+        return batch_size // n
 
     def groups(self, batch_size: int, device: torch.device) -> list[tuple[str, torch.Tensor]]:
         """[(adapter, row indices)] for a batch of `batch_size` rows; BASE_ADAPTER rows left out.
@@ -41,10 +71,8 @@ class AdapterRouting:
         """
         key = (batch_size, device)
         if key not in self._groups:
-            n = len(self.adapter_names)
-            if batch_size % n:
-                raise ValueError(f"adapter_names has {n} entries but the batch has {batch_size} rows")
-            names = [name for name in self.adapter_names for _ in range(batch_size // n)]
+            repeats = self.rows_per_name(batch_size)
+            names = [name for name in self.adapter_names for _ in range(repeats)]
             groups: dict[str, list[int]] = {}
             for row, name in enumerate(names):
                 if name != BASE_ADAPTER:
@@ -52,8 +80,53 @@ class AdapterRouting:
             self._groups[key] = [(name, torch.tensor(rows, device=device)) for name, rows in groups.items()]
         return self._groups[key]
 
+    def slot_index(self, stack: stacked.LoraStack, batch_size: int, device: torch.device) -> torch.Tensor:
+        """(batch_size,) long: each row's slot in `stack` (ZERO_SLOT for base rows), built once per
+        stack and batch shape.
+
+        Raises:
+            ValueError: the batch size is not a multiple of the number of names.
+        """
+        key = (id(stack), batch_size, device)
+        held = self._slots.get(key)
+        if held is None or held[0] is not stack:
+            slots = [stack.slots.get(name, stacked.ZERO_SLOT) for name in self.adapter_names]
+            index = torch.tensor(slots, device=device).repeat_interleave(self.rows_per_name(batch_size))
+            held = self._slots[key] = (stack, index)
+        return held[1]
+
+    def _plan(self, layer) -> tuple[list[str], bool]:
+        """(the routed adapters `layer` holds, whether the stacked path can serve them), once per routing."""
+        plan = self._plans.get(id(layer))
+        if plan is None or plan[0] is not layer:
+            routed = [n for n in dict.fromkeys(self.adapter_names) if n in layer.adapters]
+            stackable = stacked.supports(layer) and all(
+                layer.adapters[n].variant == PLAIN and not (layer.training and layer.adapters[n].dropout > 0)
+                for n in routed)
+            plan = self._plans[id(layer)] = (layer, routed, stackable)
+        return plan[1], plan[2]
+
+    def _stack(self, layer, routed: list[str], x: torch.Tensor) -> stacked.LoraStack | None:
+        """`layer`'s stack for this forward, or None where the grouped path must run."""
+        if autograd.get_lora_path() == "plain" or torch.is_autocast_enabled(x.device.type):
+            return None
+        if torch.is_grad_enabled() and any(
+                t.requires_grad for n in routed for t in stacked.factor_tensors(layer, n)):
+            return None
+        stack = stacked.stack_for(layer, routed)
+        return stack if all(n in stack.slots for n in routed) else None
+
     def apply(self, layer, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         """`result` plus, for each row, the LoRA path of that row's adapter in `layer`."""
+        routed, stackable = self._plan(layer)
+        if not routed:
+            self.rows_per_name(x.shape[0])  # the batch is still checked
+            return result
+        stack = self._stack(layer, routed, x) if stackable else None
+        if stack is not None:
+            # In place only where no graph or hook can hold the base output.
+            in_place = not torch.is_grad_enabled() and not layer.base_layer._forward_hooks and result.is_contiguous()
+            return stack.apply(x, result, self.slot_index(stack, x.shape[0], x.device), in_place)
         rows_all, deltas = [], []
         for name, rows in self.groups(x.shape[0], x.device):
             if name in layer.adapters:  # an adapter may not target this layer

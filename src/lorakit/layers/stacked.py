@@ -1,0 +1,195 @@
+"""Stacked LoRA factors of one layer, for mixed-adapter batches (the Punica / S-LoRA idea).
+
+Every plain-LoRA adapter of a `Linear` (4-bit ones included) or an `Embedding` gets a slot in
+stacked tensors, zero-padded to the layer's largest rank `r_max`; slot 0 is all zeros (rows
+running the base alone, or an adapter that does not target this layer):
+
+    Linear:    a: (S, r_max, in)               slot s: lora_A (r, in) in rows :r, zeros below
+    Embedding: a: (S * num_embeddings, r_max)  slot s: lora_embedding_A^T (num_embeddings, r), zeros right
+    both:      b: (S, r_max, out)              slot s: (scaling · lora_B)^T (r, out), zeros below
+               bias: (S, out) or None          scaling · lora_B.bias (only when an adapter has one)
+
+With `idx` (B,) the slot of each row, a mixed batch takes one gathered product per factor,
+whatever the number of adapters:
+
+    Linear:    x: (B, L, in)  -> h = x @ a[idx]^T                 (B, L, r_max)
+    Embedding: ids: (B, L)    -> h = a[idx * num_embeddings + ids] (B, L, r_max)
+    both:      result + h @ b[idx] (+ bias[idx])                  (B, L, out)
+
+Padded ranks and slot 0 add exact zeros. The gathered copies `a[idx]`, `b[idx]` of a Linear
+take B · r_max · (in + out) numbers per forward; a batched matmul over them (`torch.bmm`) beat
+sorting rows by adapter on CPU for small ranks (`benchmarks/mixed_batch.py`).
+
+Memory: the stack is one more copy of the layer's stacked adapters,
+S · r_max · (in + out) numbers (+ S · out with lora_bias) in the adapters' dtype (float32 as a
+rule), larger than the adapters themselves where their ranks differ (padding to r_max).
+
+Freshness: `stack_for(layer, names)` keeps one stack per layer (weakly keyed: it goes with the
+layer) and rebuilds it whole when anything it was built from differs: the layer's adapter
+names, the routed adapters' records (`AdapterSpec`), or any of their factor tensors (which
+tensor object, its storage pointer, its `_version`: in-place training steps, `load_state_dict`,
+`.data =` and `.to()` all change one). Writes through `.data` (`p.data.mul_(2)`) change none,
+as autograd does not see them either: after such a write call `clear()`. A build costs one
+copy of the layer's adapters, once per change; the check costs a few attribute reads per
+routed adapter and layer. A deleted adapter's slot and its old tensors are held until the
+layer's next mixed forward rebuilds the stack (or `clear()`).
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+import torch.nn.functional as F
+
+from .embedding import Embedding
+from .linear import Linear
+from .variant import PLAIN
+
+ZERO_SLOT = 0  # slot of rows that add nothing
+
+
+def factor_tensors(layer, name: str) -> tuple[torch.Tensor, ...]:
+    """Adapter `name`'s factor tensors in `layer`: (A, B) or (A, B, B's bias).
+
+    Read through the factor modules' parameter dicts: it runs for every routed adapter of every
+    layer on each forward (the freshness check), where `module.weight` costs several times more.
+    """
+    if isinstance(layer, Embedding):
+        return layer.lora_embedding_A[name], layer.lora_embedding_B[name]
+    a = layer.lora_A[name]._parameters
+    b = layer.lora_B[name]._parameters
+    bias = b.get("bias")
+    return (a["weight"], b["weight"]) if bias is None else (a["weight"], b["weight"], bias)
+
+
+def _fingerprint(tensors: tuple[torch.Tensor, ...]) -> tuple[int, ...]:
+    """What says the tensors are unchanged: which objects, their storage and in-place versions."""
+    return tuple(v for t in tensors for v in (id(t), t.data_ptr(), t._version))
+
+
+def supports(layer) -> bool:
+    """Whether `layer` has a stacked product: a `Linear` (any base, 4-bit too) or an `Embedding`
+    without max_norm (which renormalizes looked-up rows in place)."""
+    if isinstance(layer, Embedding):
+        return layer.base_layer.max_norm is None
+    return isinstance(layer, Linear)
+
+
+class LoraStack:
+    """The stacked plain-LoRA adapters of one layer (see the module docstring for the layout).
+
+    Args:
+        layer: A `Linear` or `Embedding` LoRA layer (`supports(layer)`).
+
+    Attributes:
+        slots: Adapter name -> slot of every adapter stacked (plain LoRA with real factors of
+            one dtype and device); ZERO_SLOT is none of them.
+        a, b, bias: The stacked factors, as in the module docstring (None when nothing is stacked).
+        nbytes: Bytes held by a, b and bias.
+    """
+
+    def __init__(self, layer) -> None:
+        self.embedding = isinstance(layer, Embedding)
+        self.names = tuple(layer.adapters)
+        self.specs = dict(layer.adapters)
+        factors = {n: factor_tensors(layer, n) for n in self.names if self.specs[n].variant == PLAIN}
+        factors = {n: f for n, f in factors.items() if not any(t.is_meta for t in f)}
+        if factors:
+            first = next(iter(factors.values()))[0]
+            factors = {n: f for n, f in factors.items()
+                       if all(t.dtype == first.dtype and t.device == first.device for t in f)}
+        self.slots = {name: slot for slot, name in enumerate(factors, start=ZERO_SLOT + 1)}
+        # The tensors are held so that their ids in the fingerprints stay theirs.
+        self.tensors = [t for f in factors.values() for t in f]
+        self.sources = {name: _fingerprint(f) for name, f in factors.items()}
+        self.a = self.b = self.bias = None
+        self.nbytes = 0
+        if factors:
+            self._build(layer, factors, first)
+
+    def _build(self, layer, factors: dict[str, tuple[torch.Tensor, ...]], first: torch.Tensor) -> None:
+        r_max = max(self.specs[n].r for n in factors)
+        n_slots = len(factors) + 1
+        out = layer.embedding_dim if self.embedding else layer.out_features
+        kw = dict(device=first.device, dtype=first.dtype)
+        with torch.inference_mode(False), torch.no_grad():  # ordinary tensors, whatever mode builds them
+            if self.embedding:
+                a = torch.zeros(n_slots, layer.num_embeddings, r_max, **kw)  # (S, num_embeddings, r_max)
+            else:
+                a = torch.zeros(n_slots, r_max, layer.in_features, **kw)  # (S, r_max, in)
+            b = torch.zeros(n_slots, r_max, out, **kw)  # (S, r_max, out)
+            has_bias = any(len(f) > 2 for f in factors.values())
+            bias = torch.zeros(n_slots, out, **kw) if has_bias else None  # (S, out)
+            for name, slot in self.slots.items():
+                spec, tensors = self.specs[name], factors[name]
+                if self.embedding:
+                    a[slot, :, :spec.r] = tensors[0].T  # (num_embeddings, r)
+                else:
+                    a[slot, :spec.r] = tensors[0]  # (r, in)
+                b[slot, :spec.r] = tensors[1].T * spec.scaling  # (r, out)
+                if len(tensors) > 2:
+                    bias[slot] = tensors[2] * spec.scaling  # (out,)
+        self.nbytes = sum(t.numel() * t.element_size() for t in (a, b, bias) if t is not None)
+        self.a = a.reshape(-1, r_max) if self.embedding else a  # Embedding: (S * num_embeddings, r_max)
+        self.b, self.bias = b, bias
+
+    def current(self, layer, names: list[str]) -> bool:
+        """Whether this stack still holds what `layer` holds for adapters `names` (each in the layer)."""
+        if tuple(layer.adapters) != self.names:
+            return False
+        adapters, specs, sources = layer.adapters, self.specs, self.sources
+        for name in names:
+            if (adapters[name] is not specs[name] or name not in sources
+                    or _fingerprint(factor_tensors(layer, name)) != sources[name]):
+                return False
+        return True
+
+    def apply(self, x: torch.Tensor, result: torch.Tensor, idx: torch.Tensor, in_place: bool) -> torch.Tensor:
+        """`result` plus each row's adapter, in one gathered product per factor.
+
+        Args:
+            x: The layer's input, (B, ..., in) (an Embedding's: ids (B, ...)).
+            result: The base layer's output, (B, ..., out), contiguous.
+            idx: (B,) long: each row's slot.
+            in_place: Add into `result` itself (no new output-sized tensor: a fresh output of
+                that size costs about as much as the LoRA products here).
+
+        Returns:
+            `result`'s shape and dtype (`result` itself when `in_place`).
+        """
+        rows = x.shape[0]
+        if self.embedding:
+            ids = x.reshape(rows, -1)  # (B, L)
+            n_embeddings = self.a.shape[0] // self.b.shape[0]
+            h = F.embedding(ids + (idx * n_embeddings)[:, None], self.a)  # (B, L, r_max)
+        else:
+            x3 = x.reshape(rows, -1, x.shape[-1]).to(self.a.dtype)  # (B, L, in)
+            h = torch.bmm(x3, self.a.index_select(0, idx).transpose(1, 2))  # (B, L, r_max)
+        b = self.b.index_select(0, idx)  # (B, r_max, out)
+        out3 = result.reshape(rows, -1, result.shape[-1])  # (B, L, out)
+        if out3.dtype == b.dtype and self.bias is None:
+            if in_place:
+                return out3.baddbmm_(h, b).reshape(result.shape)
+            return torch.baddbmm(out3, h, b).reshape(result.shape)
+        delta = torch.bmm(h, b)  # (B, L, out)
+        if self.bias is not None:
+            delta = delta + self.bias.index_select(0, idx)[:, None, :]
+        delta = delta.to(result.dtype)
+        return (out3.add_(delta) if in_place else out3 + delta).reshape(result.shape)
+
+_STACKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def clear() -> None:
+    """Drop every layer's stack (each is rebuilt at its next mixed forward): needed only after
+    writing into a factor through `.data`, which changes no version counter."""
+    _STACKS.clear()
+
+
+def stack_for(layer, names: list[str]) -> LoraStack:
+    """`layer`'s stack, rebuilt first if it no longer matches the layer for adapters `names`."""
+    stack = _STACKS.get(layer)
+    if stack is None or not stack.current(layer, names):
+        stack = _STACKS[layer] = LoraStack(layer)
+    return stack
