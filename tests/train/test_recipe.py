@@ -19,7 +19,7 @@ def test_flat_names_go_to_their_record_and_defaults_fill_the_rest():
     assert recipe.model == ModelSettings(quantize="nf4")
     assert recipe.optim == OptimSettings(lr=1e-3)
     assert recipe.run == RunSettings(out="runs/x")
-    assert (recipe.lora.r, recipe.lora.lora_alpha, recipe.lora.lora_dropout, recipe.lora.use_dora) == (16, 16, 0.05, True)
+    assert (recipe.lora.r, recipe.lora.lora_alpha, recipe.lora.lora_dropout, recipe.lora.use_dora) == (16, 32, 0.05, True)
     assert recipe.lora.target_modules == "all-linear" and recipe.lora.task_type == "CAUSAL_LM"
     assert Recipe.from_flags(**recipe.to_flags()) == recipe  # the flat form is the whole recipe
     assert recipe.replace(lr=5e-4).optim.lr == 5e-4 and recipe.replace(lr=5e-4).lora == recipe.lora

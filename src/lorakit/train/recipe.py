@@ -91,7 +91,7 @@ class OptimSettings:
     max_steps: int = 0
     batch_size: int = 8
     grad_accum: int = 1
-    lr: float = 2e-4
+    lr: float = 1e-3
     loraplus_ratio: float = 0.0
     warmup_steps: int = 0
     weight_decay: float = 0.0
@@ -126,7 +126,9 @@ class RunSettings:
 
 # The trainer's LoRA defaults where they differ from LoraConfig's (PEFT's), and the LoraConfig
 # fields a training run sets itself rather than taking as flags.
-LORA_DEFAULTS: dict[str, Any] = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.05, "task_type": "CAUSAL_LM"}
+# Chosen by benchmarks/defaults_grid.py (docs/defaults.md): r=16 on every linear layer at lr 1e-3.
+LORA_DEFAULTS: dict[str, Any] = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": "all-linear",
+                                 "task_type": "CAUSAL_LM"}
 LORA_FIXED = ("task_type", "peft_type", "base_model_name_or_path", "inference_mode", "fan_in_fan_out")
 
 
