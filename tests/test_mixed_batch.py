@@ -266,7 +266,7 @@ def test_stack_is_built_once_and_rebuilt_on_every_change(stack_calls, tmp_path):
 def test_stack_layout_and_bytes():
     model = five_adapters()
     q_proj = model.base_model.model.model.layers[0].self_attn.q_proj  # a (r=4), b (r=2), bias (r=3)
-    stack = stacked.stack_for(q_proj, ["a"])
+    stack = stacked.stack_for(q_proj)
     assert stack.slots == {"a": 1, "b": 2, "bias": 3}
     assert tuple(stack.a.shape) == (4, 4, 32) and tuple(stack.b.shape) == (4, 4, 32)
     assert stack.nbytes == 4 * (4 * 4 * 32 * 2 + 4 * 32)
@@ -275,7 +275,7 @@ def test_stack_layout_and_bytes():
     torch.testing.assert_close(stack.a[2, :2], q_proj.lora_A["b"].weight.detach())
     assert stack.a[2, 2:].abs().sum() == 0 and stack.b[2, 2:].abs().sum() == 0  # rank padding: zeros
     torch.testing.assert_close(stack.b[2, :2], q_proj.lora_B["b"].weight.detach().T * spec.scaling)
-    assert stacked.stack_for(q_proj, ["a", "b"]) is stack
+    assert stacked.stack_for(q_proj) is stack
 
 
 def test_autocast_takes_the_grouped_path(stack_calls):

@@ -113,7 +113,7 @@ class AdapterRouting:
         if torch.is_grad_enabled() and any(
                 t.requires_grad for n in routed for t in stacked.factor_tensors(layer, n)):
             return None
-        stack = stacked.stack_for(layer, routed)
+        stack = stacked.stack_for(layer)
         return stack if all(n in stack.slots for n in routed) else None
 
     def apply(self, layer, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:

@@ -24,23 +24,26 @@ Memory: the stack is one more copy of the layer's stacked adapters,
 S · r_max · (in + out) numbers (+ S · out with lora_bias) in the adapters' dtype (float32 as a
 rule), larger than the adapters themselves where their ranks differ (padding to r_max).
 
-Freshness: `stack_for(layer, names)` keeps one stack per layer (weakly keyed: it goes with the
-layer) and rebuilds it whole when anything it was built from differs: the layer's adapter
-names, the routed adapters' records (`AdapterSpec`), or any of their factor tensors (which
-tensor object, its storage pointer, its `_version`: in-place training steps, `load_state_dict`,
-`.data =` and `.to()` all change one). Writes through `.data` (`p.data.mul_(2)`) change none,
-as autograd does not see them either: after such a write call `clear()`. A build costs one
-copy of the layer's adapters, once per change; the check costs a few attribute reads per
-routed adapter and layer. A deleted adapter's slot and its old tensors are held until the
+Freshness: `stack_for(layer)` keeps one stack per layer (weakly keyed: it goes with the layer)
+and rebuilds it whole when anything it was built from differs (`_Watch`): the layer's adapter
+names or records (`AdapterSpec`), which factor module or tensor it holds, or a tensor's storage
+pointer or `_version` (in-place training steps, `load_state_dict`, `.data =` and `.to()` all
+change one). Writes through `.data` (`p.data.mul_(2)`) change none, as autograd does not see
+them either: after such a write call `clear()`. A build costs one copy of the layer's adapters,
+once per change; the check is a few C-level passes over the layer's adapters, per layer and
+forward (about 1% of the issue's forward with 64 adapters before it was made so; see
+`benchmarks/mixed_batch.py`). A deleted adapter's slot and its old tensors are held until the
 layer's next mixed forward rebuilds the stack (or `clear()`).
 """
 
 from __future__ import annotations
 
+import operator
 import weakref
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .embedding import Embedding
 from .linear import Linear
@@ -52,20 +55,57 @@ ZERO_SLOT = 0  # slot of rows that add nothing
 def factor_tensors(layer, name: str) -> tuple[torch.Tensor, ...]:
     """Adapter `name`'s factor tensors in `layer`: (A, B) or (A, B, B's bias).
 
-    Read through the factor modules' parameter dicts: it runs for every routed adapter of every
-    layer on each forward (the freshness check), where `module.weight` costs several times more.
     """
     if isinstance(layer, Embedding):
         return layer.lora_embedding_A[name], layer.lora_embedding_B[name]
-    a = layer.lora_A[name]._parameters
-    b = layer.lora_B[name]._parameters
-    bias = b.get("bias")
-    return (a["weight"], b["weight"]) if bias is None else (a["weight"], b["weight"], bias)
+    b = layer.lora_B[name]
+    return (layer.lora_A[name].weight, b.weight) + (() if b.bias is None else (b.bias,))
 
 
-def _fingerprint(tensors: tuple[torch.Tensor, ...]) -> tuple[int, ...]:
-    """What says the tensors are unchanged: which objects, their storage and in-place versions."""
-    return tuple(v for t in tensors for v in (id(t), t.data_ptr(), t._version))
+def factor_containers(layer) -> tuple[str, str]:
+    """Names of the layer's two per-adapter factor containers (ModuleDicts or ParameterDicts)."""
+    return ("lora_embedding_A", "lora_embedding_B") if isinstance(layer, Embedding) else ("lora_A", "lora_B")
+
+
+class _Watch:
+    """What a stack was built from, compared in C-level passes (it runs on every layer of every
+    mixed forward): the adapter names and records; each container, factor module and factor
+    tensor, by identity, where the layer holds it; and each tensor's storage and in-place version.
+
+    Args:
+        layer: The layer, as the stack is built from it.
+    """
+
+    def __init__(self, layer) -> None:
+        self.names = tuple(layer.adapters)
+        self.specs = list(layer.adapters.values())
+        holders = []  # (dict, key): where the layer holds each watched object
+        for attr in factor_containers(layer):
+            container = getattr(layer, attr)
+            holders.append((layer._modules, attr))
+            for name in self.names:
+                if isinstance(container, nn.ParameterDict):
+                    holders.append((container._parameters, name))
+                else:
+                    factor = container._modules[name]
+                    holders.append((container._modules, name))
+                    holders += [(factor._parameters, key) for key in factor._parameters]
+        self.dicts = [d for d, _ in holders]
+        self.keys = [k for _, k in holders]
+        self.objects = [d[k] for d, k in holders]
+        self.tensors = [o for o in self.objects if isinstance(o, torch.Tensor)]
+        self.versions = list(map(_VERSION, self.tensors))
+        self.pointers = list(map(torch.Tensor.data_ptr, self.tensors))
+
+    def unchanged(self, layer) -> bool:
+        return (tuple(layer.adapters) == self.names
+                and all(map(operator.is_, layer.adapters.values(), self.specs))
+                and all(map(operator.is_, map(operator.getitem, self.dicts, self.keys), self.objects))
+                and list(map(_VERSION, self.tensors)) == self.versions
+                and list(map(torch.Tensor.data_ptr, self.tensors)) == self.pointers)
+
+
+_VERSION = operator.attrgetter("_version")
 
 
 def supports(layer) -> bool:
@@ -91,18 +131,15 @@ class LoraStack:
 
     def __init__(self, layer) -> None:
         self.embedding = isinstance(layer, Embedding)
-        self.names = tuple(layer.adapters)
+        self.watch = _Watch(layer)
         self.specs = dict(layer.adapters)
-        factors = {n: factor_tensors(layer, n) for n in self.names if self.specs[n].variant == PLAIN}
+        factors = {n: factor_tensors(layer, n) for n in self.specs if self.specs[n].variant == PLAIN}
         factors = {n: f for n, f in factors.items() if not any(t.is_meta for t in f)}
         if factors:
             first = next(iter(factors.values()))[0]
             factors = {n: f for n, f in factors.items()
                        if all(t.dtype == first.dtype and t.device == first.device for t in f)}
         self.slots = {name: slot for slot, name in enumerate(factors, start=ZERO_SLOT + 1)}
-        # The tensors are held so that their ids in the fingerprints stay theirs.
-        self.tensors = [t for f in factors.values() for t in f]
-        self.sources = {name: _fingerprint(f) for name, f in factors.items()}
         self.a = self.b = self.bias = None
         self.nbytes = 0
         if factors:
@@ -134,16 +171,9 @@ class LoraStack:
         self.a = a.reshape(-1, r_max) if self.embedding else a  # Embedding: (S * num_embeddings, r_max)
         self.b, self.bias = b, bias
 
-    def current(self, layer, names: list[str]) -> bool:
-        """Whether this stack still holds what `layer` holds for adapters `names` (each in the layer)."""
-        if tuple(layer.adapters) != self.names:
-            return False
-        adapters, specs, sources = layer.adapters, self.specs, self.sources
-        for name in names:
-            if (adapters[name] is not specs[name] or name not in sources
-                    or _fingerprint(factor_tensors(layer, name)) != sources[name]):
-                return False
-        return True
+    def current(self, layer) -> bool:
+        """Whether this stack still holds what `layer` holds (see `_Watch`)."""
+        return self.watch.unchanged(layer)
 
     def apply(self, x: torch.Tensor, result: torch.Tensor, idx: torch.Tensor, in_place: bool) -> torch.Tensor:
         """`result` plus each row's adapter, in one gathered product per factor.
@@ -178,6 +208,7 @@ class LoraStack:
         delta = delta.to(result.dtype)
         return (out3.add_(delta) if in_place else out3 + delta).reshape(result.shape)
 
+
 _STACKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -187,9 +218,9 @@ def clear() -> None:
     _STACKS.clear()
 
 
-def stack_for(layer, names: list[str]) -> LoraStack:
-    """`layer`'s stack, rebuilt first if it no longer matches the layer for adapters `names`."""
+def stack_for(layer) -> LoraStack:
+    """`layer`'s stack, rebuilt first if it no longer matches the layer."""
     stack = _STACKS.get(layer)
-    if stack is None or not stack.current(layer, names):
+    if stack is None or not stack.current(layer):
         stack = _STACKS[layer] = LoraStack(layer)
     return stack
