@@ -132,6 +132,17 @@ def write_copy_task(path, n: int = 64, seed: int = 0):
     return path
 
 
+# The LoRA and optimizer settings the training tests share: the tiny model learns the copy task in a few steps.
+TINY_TRAIN = dict(r=4, lora_alpha=8, target_modules=["all-linear"], lora_dropout=0.0, batch_size=4, lr=3e-2)
+
+
+def train_tiny(model_dir, data, out, **overrides):
+    """`lorakit.train.loop.train` on a tiny model folder and a data file with `TINY_TRAIN` under `overrides`."""
+    from lorakit.train.loop import train
+
+    return train(**(dict(data=str(data), model=str(model_dir), out=str(out)) | TINY_TRAIN | overrides))
+
+
 # --- a tiny Mistral with the embedded model's real tokenizer (49,152 tokens, a chat template) ------
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from lorakit import PeftModel
 from lorakit.train.loop import global_batches, lr_lambda, train
 
-from conftest import make_tiny_model_dir, write_copy_task
+from conftest import make_tiny_model_dir, train_tiny, write_copy_task
 
 
 @pytest.fixture(scope="module")
@@ -26,10 +26,7 @@ def setup(tmp_path_factory):
 
 
 def run(setup, out, **kw):
-    model, data = setup
-    args = dict(data=str(data), model=str(model), out=str(out), r=4, lora_alpha=8, target_modules=["all-linear"],
-                lora_dropout=0.0, batch_size=4, lr=3e-2, max_steps=12, val_fraction=0.1, quiet=True)
-    return train(**(args | kw))
+    return train_tiny(*setup, out, **(dict(max_steps=12, val_fraction=0.1, quiet=True) | kw))
 
 
 def adapter_tensors(out):

@@ -9,9 +9,8 @@ import pytest
 
 from lorakit import cli
 from lorakit.train import reporting
-from lorakit.train.loop import train
 
-from conftest import make_tiny_model_dir, write_copy_task
+from conftest import make_tiny_model_dir, train_tiny, write_copy_task
 
 
 def scalars(log_dir) -> dict[str, list[tuple[int, float]]]:
@@ -30,9 +29,8 @@ def setup(tmp_path_factory):
 
 
 def test_tensorboard_gets_every_logged_figure(setup, tmp_path):
-    model, data = setup
-    train(data=str(data), model=str(model), out=str(tmp_path), r=4, target_modules=["all-linear"], batch_size=4,
-          max_steps=6, log_every=2, eval_every=3, val_fraction=0.2, quiet=True, report_to="tensorboard")
+    train_tiny(*setup, tmp_path, max_steps=6, log_every=2, eval_every=3, val_fraction=0.2, quiet=True,
+               report_to="tensorboard")
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "loss" in r]
     evals = [r for r in records if "val_loss" in r]

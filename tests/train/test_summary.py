@@ -7,9 +7,8 @@ import sys
 import pytest
 
 from lorakit.train import summary
-from lorakit.train.loop import train
 
-from conftest import make_tiny_model_dir, write_copy_task
+from conftest import make_tiny_model_dir, train_tiny, write_copy_task
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -28,10 +27,7 @@ def setup(tmp_path_factory):
 
 
 def run(setup, out, **kw):
-    model, data = setup
-    args = dict(data=str(data), model=str(model), out=str(out), r=4, lora_alpha=8, target_modules=["all-linear"],
-                lora_dropout=0.0, batch_size=4, lr=3e-2, max_steps=8, val_fraction=0.15, eval_every=4)
-    return train(**(args | kw))
+    return train_tiny(*setup, out, **(dict(max_steps=8, val_fraction=0.15, eval_every=4) | kw))
 
 
 def test_a_run_ends_with_a_loss_plot_and_a_summary(setup, tmp_path, capsys):
