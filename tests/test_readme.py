@@ -72,7 +72,8 @@ def test_every_data_form_example_is_accepted_by_the_data_loader(tmp_path):
         args = cli.parse("train", shlex.split(commands[0])[2:])
         with pytest.MonkeyPatch.context() as patch:
             patch.chdir(work)
-            train_rows, val_rows = data.load_data(args["data"], val=args["val_data"], fields=args["data_field"] or None)
+            train_rows, val_rows = data.load_data(args["data"], val=args["val_data"], fields=args["data_field"] or None,
+                                                   val_fraction=0.0 if args["val_data"] else args["val_fraction"])
             examples = data.tokenize_examples(train_rows, tokenizer, args["max_seq_len"])
             forms |= {path.suffix or "folder" for path in data.resolve_paths(args["data"])}
         assert len(train_rows) >= 1 and len(examples) == len(train_rows), block
