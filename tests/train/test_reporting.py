@@ -60,6 +60,20 @@ def test_a_resumed_run_replaces_the_redone_steps_in_tensorboard(tmp_path):
     assert [(r["step"], r["loss"]) for r in lines] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0), (5, 50.0), (6, 60.0)]
 
 
+def test_a_new_run_into_a_used_folder_shows_only_its_own_steps(tmp_path):
+    old = reporting.Reporter(tmp_path, "tensorboard")
+    for step in range(1, 6):
+        old.log({"step": step, "loss": float(step)})
+    old.close()
+    new = reporting.Reporter(tmp_path, "tensorboard")  # start=0: a fresh run, not a resume
+    for step in range(1, 4):
+        new.log({"step": step, "loss": 10.0 * step})
+    new.close()
+    assert scalars(tmp_path / "tensorboard")["train/loss"] == [(1, 10.0), (2, 20.0), (3, 30.0)]
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["loss"]) for r in lines] == [(1, 10.0), (2, 20.0), (3, 30.0)]
+
+
 @pytest.mark.parametrize("tracker", ["wandb", "mlflow"])
 def test_a_missing_tracker_is_one_message_before_the_model_loads(setup, tmp_path, monkeypatch, capsys, tracker):
     monkeypatch.setitem(sys.modules, tracker, None)  # not importable, even where it is installed

@@ -53,10 +53,11 @@ def test_a_run_ends_with_a_loss_plot_and_a_summary(setup, tmp_path, capsys):
     assert "steps            8" in printed
 
 
-def test_the_figures_cover_the_whole_run_after_a_resume(setup, tmp_path):
-    run(setup, tmp_path / "ref", quiet=True)
+@pytest.mark.parametrize("log_every", [1, 3])  # 3: the checkpoint's step (4) has no metrics record
+def test_the_figures_cover_the_whole_run_after_a_resume(setup, tmp_path, log_every):
+    run(setup, tmp_path / "ref", quiet=True, log_every=log_every)
     out = tmp_path / "resumed"
-    run(setup, out, max_steps=8, save_every=4, quiet=True)
+    run(setup, out, max_steps=8, save_every=4, quiet=True, log_every=log_every)
     # keep the checkpoint at step 4 and the records up to it, as if the run had been killed after step 5
     records = (out / "metrics.jsonl").read_text().splitlines()
     kept = [line for line in records if json.loads(line)["step"] <= 5]
@@ -65,11 +66,12 @@ def test_the_figures_cover_the_whole_run_after_a_resume(setup, tmp_path):
 
     shutil.rmtree(out / "checkpoints" / "step-0000008")
     shutil.rmtree(out / "adapter")
-    resumed = run(setup, out, save_every=4, resume=True, quiet=True)
+    resumed = run(setup, out, save_every=4, resume=True, quiet=True, log_every=log_every)
     reference = summary.run_figures(tmp_path / "ref" / "metrics.jsonl")
     assert resumed["steps"] == 8 and resumed["tokens"] == reference["tokens"]  # earlier steps counted
     steps, evals = summary.read_metrics(out / "metrics.jsonl")
-    assert [r["step"] for r in steps] == list(range(1, 9)) and [r["step"] for r in evals] == [4, 8]
+    assert [r["step"] for r in steps] == list(range(log_every, 9, log_every)) + ([8] if 8 % log_every else [])
+    assert [r["step"] for r in evals] == [4, 8]
     assert [r["tokens"] for r in steps] == [r["tokens"] for r in summary.read_metrics(tmp_path / "ref" / "metrics.jsonl")[0]]
     elapsed = [r["elapsed_s"] for r in steps]
     assert elapsed == sorted(elapsed)  # cumulative across the resume

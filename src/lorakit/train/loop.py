@@ -106,7 +106,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(out: Path, step: int, peft_model: PeftModel, optimizer, scheduler, ctx: Dist,
-                    keep: int = 2) -> Path:
+                    keep: int = 2, progress: dict[str, float] | None = None) -> Path:
     """Write `checkpoints/step-NNNNNNN` (adapter + trainer state) as a whole, then drop all but the
     `keep` newest checkpoints. Every rank calls this (gathering FSDP shards is collective); rank 0
     writes.
@@ -124,7 +124,8 @@ def save_checkpoint(out: Path, step: int, peft_model: PeftModel, optimizer, sche
     final = out / CHECKPOINTS / f"step-{step:07d}"
     if not ctx.main:
         return final
-    state = {"step": step, "optimizer": optim_state, "scheduler": scheduler.state_dict(), "rng": rng_state()}
+    state = {"step": step, "optimizer": optim_state, "scheduler": scheduler.state_dict(), "rng": rng_state(),
+             "progress": progress or {}}  # tokens and wall seconds so far, carried on by a resume
     with staged_directory(final, overwrite=True) as tmp:
         peft_model.save_pretrained(str(tmp), state_dict=adapter)
         torch.save(state, tmp / STATE_NAME)
@@ -272,7 +273,7 @@ def train(
     optimizer = torch.optim.AdamW(param_groups(peft_model, optim.lr, optim.loraplus_ratio), lr=optim.lr,
                                   weight_decay=optim.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(optim.warmup_steps, total_steps))
-    start = resume_from(ckpt, peft_model, optimizer, scheduler) if ckpt is not None else 0
+    start, progress = resume_from(ckpt, peft_model, optimizer, scheduler) if ckpt is not None else (0, {})
     base_bytes = ctx.gather(local_base_bytes(peft_model))
     metrics_path, reporter = out_dir / "metrics.jsonl", None
     if ctx.main:
@@ -282,8 +283,7 @@ def train(
                         base_bytes_per_rank=[int(b) for b in base_bytes])
         write_run_config(out_dir, recipe, **resolved)
         reporter = reporting.Reporter(out_dir, recipe.run.report_to, start, config=recipe.to_flags() | resolved)
-    before = summary_mod.run_figures(metrics_path) if ctx.main and start else None  # the steps before the resume
-    tokens_before, seconds_before = (before["tokens"], before["wall_seconds"]) if before else (0, 0.0)
+    tokens_before, seconds_before = int(progress.get("tokens", 0)), float(progress.get("elapsed_s", 0.0))
     autocast = devices.autocast(ctx.device, recipe.model.precision)
     pad_id = data_mod.pad_token_id(tokenizer)
     run = recipe.run
@@ -322,7 +322,8 @@ def train(
             val_losses.append(val_loss)
             _log_eval(reporter, bar, done, val_loss, seconds_before + time.perf_counter() - t0)
         if run.save_every and done % run.save_every == 0:
-            save_checkpoint(out_dir, done, peft_model, optimizer, scheduler, ctx)
+            save_checkpoint(out_dir, done, peft_model, optimizer, scheduler, ctx,
+                            progress={"tokens": tokens_seen, "elapsed_s": seconds_before + time.perf_counter() - t0})
     bar.close()
     train_seconds = time.perf_counter() - t0 - eval_seconds
     if val_set:
@@ -444,14 +445,14 @@ def optimizer_step(net, peft_model, batches: list[dict[str, torch.Tensor]], ctx:
     return ctx.sum(loss_total) / global_tokens, grad_norm
 
 
-def resume_from(ckpt: Path, peft_model: PeftModel, optimizer, scheduler) -> int:
+def resume_from(ckpt: Path, peft_model: PeftModel, optimizer, scheduler) -> tuple[int, dict[str, float]]:
     """Load a checkpoint's optimizer, scheduler and RNG state (its adapter is loaded before
-    sharding); the step it was taken at."""
+    sharding); the step it was taken at and the run's progress then (tokens, elapsed_s)."""
     state = torch.load(ckpt / STATE_NAME, weights_only=False)
     load_optimizer_state(peft_model, optimizer, state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
-    return state["step"]
+    return state["step"], state.get("progress", {})
 
 
 def write_run_config(out_dir: Path, recipe: Recipe, **resolved: Any) -> None:

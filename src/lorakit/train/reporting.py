@@ -141,8 +141,9 @@ class _TensorBoard:
     def __init__(self, log_dir: Path, start: int):
         from torch.utils.tensorboard import SummaryWriter
 
-        # purge_step: events from the resumed step on (written before a kill) are dropped
-        self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=start + 1 if start else None)
+        # purge_step: events from the resumed step on (written before a kill, or by an earlier run into
+        # this folder when start is 0) are dropped, as metrics.jsonl drops them
+        self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=start + 1)
 
     def log(self, scalars: dict[str, float], step: int) -> None:
         for tag, value in scalars.items():
