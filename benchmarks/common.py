@@ -262,10 +262,12 @@ def write_section(path, start: str, end: str, text: str) -> None:
     replace the previous one, or append it; the rest of the file is left as it is."""
     import re
 
+    from lorakit.files import atomic_write
+
     old = path.read_text() if path.exists() else ""
     pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.S)
     new = pattern.sub(lambda _: text, old) if pattern.search(old) else old.rstrip("\n") + "\n\n" + text + "\n"
-    path.write_text(new)
+    atomic_write(path, new.encode())
 
 
 def mib(n_bytes: float) -> str:

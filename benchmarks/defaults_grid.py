@@ -245,18 +245,19 @@ def main() -> None:
 
 
 def write_docs(text: str, steps: int) -> None:
-    from lorakit.files import atomic_write
+    """Replace the grid's marked section of docs/defaults.md (the reasoning around it stays)."""
+    from benchmarks.common import write_section
 
-    doc = Path(__file__).resolve().parent.parent / "docs" / "defaults.md"
-    body = (f"# How the training defaults were chosen\n\n"
+    start, end = "<!-- benchmarks.defaults_grid: start -->", "<!-- benchmarks.defaults_grid: end -->"
+    body = (f"{start}\n"
             f"`python -m benchmarks.defaults_grid --write-docs` (see its docstring) trains the embedded\n"
             f"SmolLM2-135M-Instruct for {steps} steps (batch 8) per setting on three generated tasks and scores\n"
             f"48 held-out examples each by exact match (greedy):\n\n"
             f"- dates: format conversion, a date in one of nine written forms -> ISO 8601;\n"
             f"- intent: classification of a support message into one of six labels;\n"
             f"- past: a short rewrite of a sentence into the past tense.\n\n"
-            f"lora_alpha is 2r in every setting; lora_dropout 0.05.\n\n{text}\n")
-    atomic_write(doc, body.encode())
+            f"lora_alpha is 2r in every setting; lora_dropout 0.05.\n\n{text}\n{end}")
+    write_section(Path(__file__).resolve().parent.parent / "docs" / "defaults.md", start, end, body)
 
 
 if __name__ == "__main__":

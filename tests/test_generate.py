@@ -37,6 +37,7 @@ def test_an_unknown_device_or_dtype_is_refused_by_the_cli(command, capsys):
         assert exit_info.value.code == 2 and value in capsys.readouterr().err
 
 
+@no_cuda  # auto must mean the CPU in fp32 for the first assertion
 def test_generate_on_cpu_with_an_adapter(model_dir, tmp_path, capsys):
     from transformers import AutoModelForCausalLM
 
