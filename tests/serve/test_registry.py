@@ -229,3 +229,46 @@ def test_unload_waits_for_a_load_in_progress(root):
             await registry.acquire("fresh")
 
     scenario(root, test)
+
+
+def test_a_failed_load_of_an_evicted_name_leaves_its_path(root):
+    async def test(registry, engine):
+        registry.release(await registry.acquire("z"))
+        registry.release(await registry.acquire("a"))  # one slot: command-line "z" is evicted, still known
+        await registry.load("fresh", "c")
+        registry.release(await registry.acquire("a"))  # "fresh" evicted too, still known
+        for name in ["z", "fresh"]:
+            with pytest.raises(AdapterLoadError):
+                await registry.load(name, "bad")  # not loaded now, so the load is tried, and fails
+            registry.release(await registry.acquire(name))  # still answers from its own path
+            assert registry.loaded() == [name]
+
+    scenario(root, test, max_loaded=1, adapters={"z": str(root / "outside" / "z")})
+
+
+def test_a_just_loaded_adapter_is_not_evicted_before_its_waiters_pin_it(root, monkeypatch):
+    """Two slots, three adapters wanted at once: each request gets its adapter on the first load."""
+    loads = []
+    attach, ensure_loaded = AdapterRegistry._attach, AdapterRegistry._ensure_loaded
+
+    async def counting(self, name, *args):
+        loads.append(name)
+        await attach(self, name, *args)
+
+    async def slow_to_resume(self, name, path):
+        await ensure_loaded(self, name, path)
+        await asyncio.sleep(0.05)  # the other loads look for room before this waiter pins its adapter
+
+    monkeypatch.setattr(AdapterRegistry, "_attach", counting)
+    monkeypatch.setattr(AdapterRegistry, "_ensure_loaded", slow_to_resume)
+
+    async def test(registry, engine):
+        async def use(name):
+            got = await registry.acquire(name)
+            await asyncio.sleep(0.01)
+            registry.release(got)
+
+        await asyncio.gather(*(use(name) for name in "abc"))
+        assert sorted(loads) == ["a", "b", "c"]  # none evicted and loaded again
+
+    scenario(root, test, max_loaded=2)

@@ -90,6 +90,8 @@ class AdapterRegistry:
         self._lock = threading.Lock()  # guards _loaded and _pins (release() runs on the engine thread)
         self._loaded: collections.OrderedDict[str, None] = collections.OrderedDict((n, None) for n in resident)
         self._pins: collections.Counter[str] = collections.Counter()
+        # requests waiting for a name's load: once it is attached, not evicted before they pin it
+        self._wanted: collections.Counter[str] = collections.Counter()
         self._changing = asyncio.Lock()  # one attach/detach decision at a time
         self._loading: dict[str, asyncio.Task] = {}
         self._loop: asyncio.AbstractEventLoop | None = None  # where slot waiters are woken
@@ -130,13 +132,28 @@ class AdapterRegistry:
         if model == self.base_name:
             return BASE_ADAPTER
         self._check_name(model)
-        while True:  # a just-loaded adapter can be evicted again before it is pinned, under heavy churn
+        with self._lock:
+            if model in self._loaded:
+                return self._pin(model)
+            self._wanted[model] += 1  # from here until it is pinned, a load cannot evict it
+        try:
+            while True:  # an unload between its attach and this pin detaches it: load it again
+                await self._ensure_loaded(model, self._path_for(model))
+                with self._lock:
+                    if model in self._loaded:
+                        return self._pin(model)
+        finally:
             with self._lock:
-                if model in self._loaded:
-                    self._pins[model] += 1
-                    self._loaded.move_to_end(model)
-                    return model
-            await self._ensure_loaded(model, self._path_for(model))
+                self._wanted[model] -= 1
+                freed = self._wanted[model] == 0 and self._pins[model] == 0 and model in self._loaded
+            if freed:  # gave up (cancelled, an error) holding it evictable again: a waiting load may use it
+                self._wake_slot_waiters()
+
+    def _pin(self, model: str) -> str:
+        """Pin a loaded adapter for one request (caller holds _lock)."""
+        self._pins[model] += 1
+        self._loaded.move_to_end(model)
+        return model
 
     def release(self, adapter: str) -> None:
         """Undo one `acquire` (thread-safe; BASE_ADAPTER is ignored). The last pin's release
@@ -181,12 +198,16 @@ class AdapterRegistry:
             if name in self._loaded or name in self._loading:
                 raise AdapterNameError(f"adapter {name!r} is already loaded; unload it first to replace it")
         resolved = self._allowed_path(path)
+        previous = self._known.get(name)
         self._known[name] = resolved  # before the load: an unload meanwhile forgets it for good
         try:
             await self._ensure_loaded(name, resolved)
-        except BaseException:
-            if name not in self._command_line and self._known.get(name) == resolved:
-                self._known.pop(name, None)
+        except Exception:  # (a cancelled caller's load goes on, shielded: it stays known)
+            if self._known.get(name) == resolved:  # no unload meanwhile: the name answers as before
+                if previous is None:
+                    self._known.pop(name, None)
+                else:
+                    self._known[name] = previous
             raise
 
     async def unload(self, name: str) -> None:
@@ -323,7 +344,7 @@ class AdapterRegistry:
                 evictable = [n for n in self._loaded if n not in self._resident]
                 if len(evictable) < self.max_loaded:
                     return True
-                victim = next((n for n in evictable if self._pins[n] == 0), None)
+                victim = next((n for n in evictable if self._pins[n] == 0 and self._wanted[n] == 0), None)
                 if victim is None:
                     return False
                 del self._loaded[victim]  # no request can pin it from now on
