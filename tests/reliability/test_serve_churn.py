@@ -14,6 +14,7 @@ import json
 import random
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -49,7 +50,7 @@ def reference(adapters: Path, model: str, prompt: str) -> str:
 def churn(adapters: Path, clients: int, requests_each: int, cycles: int, seed: int) -> dict:
     base = base_model()
     app = create_app(base, tokenizer(), model_name="tiny", adapter_dir=str(adapters), max_loaded=2,
-                     max_batch_size=4, **LIMITS)
+                     max_batch_size=4, request_timeout=60, **LIMITS)  # a stuck request is a 504, not a hang
     models = [*TARGETS, CHURNED]
     expected = {(m, p): reference(adapters, m, p) for m in models for p in PROMPTS}
     figures, lock = collections.Counter(), threading.Lock()
@@ -88,7 +89,8 @@ def churn(adapters: Path, clients: int, requests_each: int, cycles: int, seed: i
                     if response.status_code != 200:
                         wrong.append(f"load: {response.status_code} {response.text[:300]}")
                     threading.Event().wait(rng.uniform(0, 0.05))
-                    while True:  # 409 while a running request holds it: documented, try again
+                    give_up = time.monotonic() + 60
+                    while time.monotonic() < give_up:  # 409 while a running request holds it: documented, try again
                         response = client.post("/v1/unload_lora_adapter", json={"lora_name": CHURNED})
                         count(f"unload {response.status_code}")
                         if response.status_code != 409:
@@ -101,9 +103,11 @@ def churn(adapters: Path, clients: int, requests_each: int, cycles: int, seed: i
         with ThreadPoolExecutor(clients + 1) as pool:
             churner = pool.submit(load_and_unload)
             workers = [pool.submit(ask, i) for i in range(clients)]
-            for future in workers:
-                future.result()
-            done.set()
+            try:
+                for future in workers:
+                    future.result()  # a worker's error is raised here, after the churner has stopped
+            finally:
+                done.set()
             churner.result()
         registry = app.state.registry
         loaded = registry.loaded()
@@ -120,7 +124,6 @@ def churn(adapters: Path, clients: int, requests_each: int, cycles: int, seed: i
 
 
 @pytest.mark.slow
-@pytest.mark.skip(reason="failed, then the run hung, in a fresh-clone .ci/run on 2026-12-07 (passed in the working checkout the same hour); investigate before re-enabling: the 40-request variant stays in the default suite")
 def test_800_requests_over_five_adapters_and_two_slots_while_one_is_loaded_and_unloaded(adapters):
     figures = churn(adapters, clients=8, requests_each=100, cycles=10_000, seed=0)
     print(f"\nserve churn: {json.dumps(figures)}")

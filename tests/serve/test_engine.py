@@ -192,6 +192,36 @@ def test_a_failing_row_fails_alone():
             assert result.tokens == reference(model, name, prompt, 8)
 
 
+def test_a_slot_given_to_a_new_request_holds_nothing_of_the_last_one():
+    """A request whose adapter gives non-finite keys and values leaves them in its slot's columns;
+    the next request in that slot (masked over those columns) still equals generate."""
+    model = adapters_model()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, LoraLayer) and "a" in module.adapters:
+                module.lora_B["a"].weight.fill_(float("nan"))
+    engine = Engine(model, WordTokenizer(), max_batch_size=2)
+    engine.eos_token_ids = set()  # run to max_tokens, so the long request outlives the others
+    late = {}
+
+    class Poisoned(Collect):
+        def on_done(self):  # on the engine thread: the next request takes the freed slot at the next step
+            late["base"] = submit(engine, PROMPTS[0], BASE_ADAPTER, max_tokens=5, **GREEDY)
+            super().on_done()
+
+    long = submit(engine, PROMPTS[1], BASE_ADAPTER, max_tokens=16, **GREEDY)
+    poisoned = Poisoned()
+    engine.submit(PROMPTS[2], "a", SamplingParams(max_tokens=2, **GREEDY), poisoned.emit, poisoned.on_done)
+    engine.start()
+    poisoned.wait()
+    late["base"].wait()
+    long.wait()
+    engine.stop()
+    model.generation_config.eos_token_id = None
+    assert long.tokens == reference(model, BASE_ADAPTER, PROMPTS[1], 16)
+    assert late["base"].tokens == reference(model, BASE_ADAPTER, PROMPTS[0], 5)
+
+
 def test_finish_reasons_and_stop_strings():
     model = adapters_model()
     engine = Engine(model, WordTokenizer())

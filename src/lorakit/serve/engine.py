@@ -485,7 +485,7 @@ class Engine:
         holes = sorted(set(range(len(alive))) - {seq.slot for seq in alive})
         movers = sorted((seq for seq in alive if seq.slot >= len(alive)), key=lambda seq: seq.slot)
         for hole, seq in zip(holes, movers):
-            self._cache.copy_slot(seq.slot, hole, seq.start, self._column)
+            self._cache.copy_slot(seq.slot, hole)
             seq.slot = hole
         self._running = sorted(alive, key=lambda seq: seq.slot)
         if not self._running:
@@ -550,6 +550,7 @@ class Engine:
         positions = (torch.arange(longest)[None, :] - torch.tensor(pads)[:, None]).clamp(min=0)    # (G, P)
         starts = torch.tensor([t - longest + pad for pad in pads])                                 # (G,)
         attention_mask = (torch.arange(t)[None, :] >= starts[:, None]).long()                      # (G, t)
+        self._cache.clear_rows(slice(first, first + len(seqs)))  # what finished requests left in these slots
         self._cache.plan(slice(first, first + len(seqs)), write_at=t - longest, attend_from=t - longest)
         extra = {"logits_to_keep": 1} if self._keep_last_logits else {}
         out = self._forward([seq.adapter for seq in seqs], input_ids=input_ids, attention_mask=attention_mask,

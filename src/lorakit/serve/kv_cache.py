@@ -102,9 +102,10 @@ class SlotCache(Cache):
         """Grow every buffer to at least `columns` columns (a multiple of `chunk`), keeping its contents."""
         if columns <= self.capacity:
             return
-        self.capacity = -(-columns // self.chunk) * self.chunk
+        capacity = -(-columns // self.chunk) * self.chunk
         for layer in self.layers:
-            layer.grow(self.capacity)
+            layer.grow(capacity)
+        self.capacity = capacity  # only once every layer has it (a grow that runs out of memory changes nothing here)
 
     def move_columns(self, rows: slice, start: int, stop: int, to: int) -> None:
         """Copy columns [start, stop) of `rows` to [to, to + stop - start) (the ranges may overlap)."""
@@ -112,11 +113,19 @@ class SlotCache(Cache):
             for layer in self.layers:
                 layer.move_columns(rows, start, stop, to)
 
-    def copy_slot(self, src: int, dst: int, start: int, stop: int) -> None:
-        """Copy columns [start, stop) of slot `src` into slot `dst` (a request changing rows)."""
-        if src != dst and stop > start:
+    def copy_slot(self, src: int, dst: int) -> None:
+        """Copy slot `src` into slot `dst`, every column (a request changing rows: columns it does
+        not own must not keep what an earlier request left there)."""
+        if src != dst:
             for layer in self.layers:
-                layer.copy_slot(src, dst, start, stop)
+                layer.copy_slot(src, dst)
+
+    def clear_rows(self, rows: slice) -> None:
+        """Zero the slots `rows` (before a prefill gives them to new requests). Masked columns are
+        still read by attention, and 0 * nan is nan: a non-finite key or value an earlier request
+        left there would reach the new one."""
+        for layer in self.layers:
+            layer.clear_rows(rows)
 
 
 class SlotLayer(CacheLayerMixin):
@@ -186,7 +195,7 @@ class SlotLayer(CacheLayerMixin):
 
     def grow(self, capacity: int) -> None:
         if self.is_initialized:
-            pad = capacity - self.keys.shape[2]
+            pad = capacity - self.keys.shape[2]  # (zeros, as lazy_initialization's)
             self.keys = torch.nn.functional.pad(self.keys, (0, 0, 0, pad))
             self.values = torch.nn.functional.pad(self.values, (0, 0, 0, pad))
 
@@ -196,7 +205,12 @@ class SlotLayer(CacheLayerMixin):
             self.keys[rows, :, to:to + width] = self.keys[rows, :, start:stop].clone()
             self.values[rows, :, to:to + width] = self.values[rows, :, start:stop].clone()
 
-    def copy_slot(self, src: int, dst: int, start: int, stop: int) -> None:
+    def copy_slot(self, src: int, dst: int) -> None:
         if self.is_initialized:
-            self.keys[dst, :, start:stop] = self.keys[src, :, start:stop]
-            self.values[dst, :, start:stop] = self.values[src, :, start:stop]
+            self.keys[dst] = self.keys[src]
+            self.values[dst] = self.values[src]
+
+    def clear_rows(self, rows: slice) -> None:
+        if self.is_initialized:
+            self.keys[rows].zero_()
+            self.values[rows].zero_()
