@@ -14,6 +14,7 @@ import time
 import pytest
 
 from lorakit import PeftModel
+from lorakit import files
 from lorakit.files import remove_leftovers
 
 from conftest import tiny_llama
@@ -61,3 +62,46 @@ def test_kill_9_during_repeated_saves_never_leaves_a_broken_folder(tmp_path):
         remove_leftovers(out / "same")
         assert not [p for p in out.iterdir() if p.name.startswith(".same.tmp-")]
     assert tried >= 20
+
+
+# --- replacing a folder where no atomic exchange exists -----------------------------------------
+
+def folder_with(path, text):
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "weights").write_text(text)
+    return path
+
+
+def test_without_an_exchange_a_folder_is_replaced_by_renaming_the_old_one_aside(tmp_path, monkeypatch):
+    monkeypatch.setattr(files, "_exchange", lambda a, b: False)
+    out = folder_with(tmp_path / "adapter", "old")
+    with files.staged_directory(out, overwrite=True) as tmp:
+        (tmp / "weights").write_text("new")
+    assert (out / "weights").read_text() == "new" and os.listdir(tmp_path) == ["adapter"]
+
+
+def test_without_an_exchange_a_failed_rename_puts_the_old_folder_back(tmp_path, monkeypatch):
+    monkeypatch.setattr(files, "_exchange", lambda a, b: False)
+    out = folder_with(tmp_path / "adapter", "old")
+    replace, calls = os.replace, []
+
+    def second_fails(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:  # the new folder taking the name
+            raise OSError("disk gone")
+        replace(src, dst)
+
+    monkeypatch.setattr(files.os, "replace", second_fails)
+    with pytest.raises(OSError, match="disk gone"), files.staged_directory(out, overwrite=True) as tmp:
+        (tmp / "weights").write_text("new")
+    assert (out / "weights").read_text() == "old" and os.listdir(tmp_path) == ["adapter"]
+
+
+def test_a_kill_while_the_old_folder_is_aside_gives_it_its_name_back(tmp_path):
+    out = folder_with(tmp_path / "adapter", "old")
+    os.rename(out, tmp_path / files.temporary_name("adapter", "old"))  # killed here: no "adapter" at all
+    folder_with(tmp_path / files.temporary_name("adapter"), "half")  # and the new one half-written
+    remove_leftovers(out)  # what the next write (or a run's start) does first
+    assert (out / "weights").read_text() == "old" and os.listdir(tmp_path) == ["adapter"]
+    os.rename(out, tmp_path / files.temporary_name("adapter", "old"))
+    assert files.remove_temporaries(tmp_path) == [] and (out / "weights").read_text() == "old"

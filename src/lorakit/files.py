@@ -48,7 +48,7 @@ def umask() -> int:
 TEMPORARY_KINDS = ("tmp", "old", "trash")
 # `.<name>.<kind>-<pid>-<8 hex>`; also `.<name>.<8 chars>.tmp|.old`, the names earlier versions
 # took from tempfile.mkstemp/mkdtemp
-_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?:(?:tmp|old|trash)-[0-9]+-[0-9a-f]{8}|[a-z0-9_]{8}\.(?:tmp|old))$")
+_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?:(?P<kind>tmp|old|trash)-[0-9]+-[0-9a-f]{8}|[a-z0-9_]{8}\.(?:tmp|old))$")
 
 
 def temporary_name(name: str, kind: str = "tmp") -> str:
@@ -73,9 +73,14 @@ def is_temporary(name: str, of: str | None = None) -> bool:
     return match is not None and (of is None or match["name"] == of)
 
 
-def remove_temporaries(folder: Path) -> list[str]:
+def remove_temporaries(folder: Path, of: str | None = None) -> list[str]:
     """Remove every temporary file or folder directly inside `folder` (what writers killed
-    mid-write left); other entries are not touched. A missing folder holds none.
+    mid-write left), only those of the final name `of` if given; other entries are not touched.
+    A missing folder holds none.
+
+    One kind is put back rather than removed: a previous folder renamed aside (`old`) by a
+    replacement that was killed before the new folder took its name (where no atomic exchange
+    exists) is the only complete copy, so it gets its name back.
 
     Returns:
         The names removed, sorted.
@@ -83,19 +88,23 @@ def remove_temporaries(folder: Path) -> list[str]:
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    removed = sorted(entry.name for entry in folder.iterdir() if is_temporary(entry.name))
-    for name in removed:
+    found = sorted(entry.name for entry in folder.iterdir() if is_temporary(entry.name, of))
+    removed = []
+    for name in found:
+        match = _TEMPORARY.match(name)
+        final = folder / match["name"]
+        if match["kind"] == "old" and not final.exists() and (folder / name).is_dir():
+            os.rename(folder / name, final)
+            continue
         _remove(folder / name)
+        removed.append(name)
     return removed
 
 
 def remove_leftovers(directory: Path) -> None:
-    """Remove the temporaries a killed writer of `directory` left beside it."""
+    """Remove the temporaries a killed writer of `directory` left beside it (see `remove_temporaries`)."""
     directory = Path(directory)
-    if directory.parent.is_dir():
-        for entry in directory.parent.iterdir():
-            if is_temporary(entry.name, of=directory.name):
-                _remove(entry)
+    remove_temporaries(directory.parent, of=directory.name)
 
 
 def _remove(path: Path) -> None:
@@ -236,15 +245,14 @@ def staged_directory(out: str | os.PathLike, overwrite: bool = False) -> Iterato
             return
         if _exchange(tmp, out):
             return  # (tmp now holds the old folder: removed below)
-        old = out.parent / temporary_name(out.name, "old")
-        os.replace(out, old)
+        old = out.parent / temporary_name(out.name, "old")  # a kill from here until out exists again:
+        os.replace(out, old)                                # remove_leftovers gives `old` its name back
         try:
             os.replace(tmp, out)
         except BaseException:
-            os.replace(old, out)  # put the previous folder back
+            os.replace(old, out)  # put the previous folder back (if that fails too, `old` is kept)
             raise
-        finally:
-            shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
