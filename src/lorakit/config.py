@@ -148,7 +148,8 @@ def pop_hub_arguments(kwargs: dict[str, Any]) -> dict[str, Any]:
 
 @dataclass
 class LoraConfig(PeftConfig):
-    """Settings of one LoRA adapter (PEFT's names and defaults).
+    """Settings of one LoRA adapter, by PEFT's names (a bare `LoraConfig()` has PEFT's defaults;
+    `lorakit train` sets its own, see `lorakit.train.recipe.LORA_DEFAULTS`).
 
     Args:
         r: Rank of the update ΔW = B·A. Default 8.
