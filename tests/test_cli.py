@@ -85,3 +85,21 @@ def test_version_and_suggestions_for_mistypes(capsys):
     with pytest.raises(SystemExit):
         cli.parse("train", ["--data", "x.jsonl", "--max-step", "3", "--lora-alfa", "8"])
     assert "unrecognized argument '--lora-alfa'; did you mean --lora-alpha?" in capsys.readouterr().err
+
+
+def test_mapping_flags_repeat_and_merge(tmp_path, capsys):
+    args = cli.parse("train", ["--data", "x.jsonl", "--data-field", "instruction=question",
+                               "--data-field", "output=answer,input=context"])
+    assert args["data_field"] == {"instruction": "question", "output": "answer", "input": "context"}
+    args = cli.parse("train", ["--data", "x.jsonl", "--rank-pattern", "q_proj=16", "--rank-pattern", "v_proj=4"])
+    assert args["rank_pattern"] == {"q_proj": 16, "v_proj": 4}
+    config = tmp_path / "run.yaml"
+    config.write_text("data: x.jsonl\ndata_field: {text: body}\n")
+    assert cli.parse("train", ["--config", str(config)])["data_field"] == {"text": "body"}
+    # the command line replaces the file's mapping (it does not merge into it)
+    args = cli.parse("train", ["--config", str(config), "--data-field", "instruction=q", "--data-field", "output=a"])
+    assert args["data_field"] == {"instruction": "q", "output": "a"}
+    with pytest.raises(SystemExit) as exit_info:
+        cli.parse("train", ["--data", "x.jsonl", "--data-field", "output=a", "--data-field", "output=b"])
+    assert exit_info.value.code == 2
+    assert "'output' is given twice" in capsys.readouterr().err

@@ -98,6 +98,22 @@ def _mapping_parser(value_type: type) -> Callable[[str], dict[str, Any]]:
     return parse
 
 
+class _MergeMapping(argparse.Action):
+    """A mapping flag that may be given several times: `--data-field a=x --data-field b=y` is
+    `--data-field a=x,b=y`. The first use on the command line replaces the default (or the YAML
+    value); a key given twice is an error."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        seen = getattr(namespace, "_merged_mappings", set())
+        merged = dict(getattr(namespace, self.dest) or {}) if self.dest in seen else {}
+        for key, value in values.items():
+            if key in merged:
+                parser.error(f"{option_string}: {key!r} is given twice")
+            merged[key] = value
+        setattr(namespace, self.dest, merged)
+        setattr(namespace, "_merged_mappings", seen | {self.dest})
+
+
 def _field_kwargs(annotation: Any) -> dict[str, Any]:
     """argparse settings for a dataclass field's type (bool, str/int/float, lists, unions, dicts)."""
     origin, args = typing.get_origin(annotation), [a for a in typing.get_args(annotation) if a is not type(None)]
@@ -113,7 +129,7 @@ def _field_kwargs(annotation: Any) -> dict[str, Any]:
     if origin is list:
         return {"type": _list_parser((args or [str])[0])}
     if origin is dict:
-        return {"type": _mapping_parser(args[1] if len(args) == 2 else str)}
+        return {"type": _mapping_parser(args[1] if len(args) == 2 else str), "action": _MergeMapping}
     return {"type": annotation} if annotation in (int, float, str) else {}
 
 
@@ -281,6 +297,7 @@ def parse(name: str, argv: list[str]) -> dict[str, Any]:
         parser.error(f"unrecognized argument {unknown[0]!r}" + (f"; did you mean {close[0]}?" if close else ""))
     args = vars(namespace)
     args.pop("_config_file")
+    args.pop("_merged_mappings", None)
     return args
 
 

@@ -57,7 +57,7 @@ class DataSettings:
         val_data: Validation files; otherwise --val-fraction of the training data is held out.
         val_fraction: Share of the training data held out for validation when --val-data is not given.
         data_field: Map other column names onto a row shape: comma-separated field=column pairs
-            (e.g. instruction=question,output=answer).
+            (e.g. instruction=question,output=answer), or the flag given once per pair.
         max_seq_len: Longer examples are truncated to this many tokens.
         packing: Pack examples into rows of --max-seq-len tokens (positions restart per example,
             no attention across examples; the loss covers the same response tokens).
