@@ -574,12 +574,13 @@ class LoraModel(nn.Module):
         """
         self._merge(adapter_names, safe_merge)
 
-    def _merge(self, adapter_names: list[str] | None, safe_merge: bool) -> list[_MergeUndo]:
-        """`merge_adapter`'s work; returns what `_undo_merges` needs to take it back."""
+    def _merge(self, adapter_names: list[str] | None, safe_merge: bool, skip: set[str] = frozenset()) -> list[_MergeUndo]:
+        """`merge_adapter`'s work, on every LoRA layer but those at the paths in `skip`; returns
+        what `_undo_merges` needs to take it back."""
         names = adapter_names or [self.active_adapter]
         for name in names:
             self.check_exists(name)
-        layers = list(self.lora_layers())
+        layers = [(path, layer) for path, layer in self.lora_layers() if path not in skip]
         refused = [(path, layer) for path, layer in layers
                    if not layer.mergeable and any(n in layer.adapters for n in names)]
         if refused:
@@ -618,7 +619,7 @@ class LoraModel(nn.Module):
             for layer, tensors, merged in reversed(saved):
                 for tensor, copy in tensors:
                     tensor.copy_(copy)
-                layer.merged_adapters = merged
+                layer.restore_merge_state(merged)
 
     def unmerge_adapter(self) -> None:
         """Take every merged adapter back out of the base weights."""
@@ -628,11 +629,11 @@ class LoraModel(nn.Module):
     def merge_and_unload(self, safe_merge: bool = False, adapter_names: list[str] | None = None,
                          dtype: torch.dtype | str | None = None) -> nn.Module:
         """Merge adapters into the base and return the plain model, with no wrapper left. On any
-        error (of a float base) the model is left as it was, unmerged and wrapped.
+        error the model is left as it was: unmerged, wrapped, and quantized where it was.
 
         On a quantized base (4-bit layers) every 4-bit layer is dequantized, ΔW added in float32
-        and the result stored as an `nn.Linear` (the format's `merge_and_unload`, for NF4
-        `lorakit.quant.lora.merge_and_dequantize`).
+        and the result stored as an `nn.Linear` (the format's `dequantized_layers`, for NF4
+        `lorakit.quant.lora.dequantized_layers`).
 
         Args:
             safe_merge: Check every merged weight for NaN/inf before changing any.
@@ -645,15 +646,25 @@ class LoraModel(nn.Module):
             KeyError: an unknown adapter name.
             ValueError: with safe_merge, a merged weight would hold NaN or inf (nothing merged).
         """
+        names = adapter_names or [self.active_adapter]
+        for name in names:
+            self.check_exists(name)
         quantizer = model_quantizer(self.model)
-        if quantizer is not None:  # dequantize, merge in float32, unload
-            return quantizer.merge_and_unload(self, adapter_names, safe_merge=safe_merge, dtype=dtype)
-        merged = self._merge(adapter_names, safe_merge)
+        # every 4-bit layer dequantized (adapters merged in float32), none put in yet
+        dequantized = {} if quantizer is None else quantizer.dequantized_layers(self, names, safe_merge, dtype)
+        replaced = {path: self.model.get_submodule(path) for path in dequantized}
+        merged = self._merge(names, safe_merge, skip=set(dequantized))
         try:
+            for path, linear in dequantized.items():
+                self.replace_module(path, linear)
             model = self.unload()
-        except BaseException:
-            self._undo_merges(merged)  # the model as it was: unmerged, wrapped
+        except BaseException:  # the model as it was: unmerged, wrapped, quantized
+            for path, module in replaced.items():
+                self.replace_module(path, module)
+            self._undo_merges(merged)
             raise
+        if quantizer is not None and dtype != "original":
+            dtype = torch.bfloat16 if dtype is None else dtype
         if isinstance(dtype, torch.dtype):
             model.to(dtype)
         return model

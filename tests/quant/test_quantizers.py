@@ -37,10 +37,23 @@ class HalfLinearLora(Linear):
     merge_refusal = "half layers are not merged"
 
 
+def dequantize_half(lora_model, names, safe_merge=False, dtype=None):
+    """The format's float layers: each wrapped toy layer's weight in float32 with its adapters added."""
+    layers = {}
+    for path, module in lora_model.model.named_modules():
+        if isinstance(module, HalfLinearLora):
+            linear = nn.Linear(module.in_features, module.out_features, bias=False)
+            present = [n for n in names if n in module.adapters]
+            with torch.no_grad():
+                linear.weight.copy_(module.merged_weight(present))
+            layers[path] = linear
+    return layers
+
+
 @pytest.fixture
 def half_format():
     registry.register(Quantizer(name="half", layer_type=HalfLinear, quantize_model=quantize_half, wrap=HalfLinearLora,
-                                merge_and_unload=lambda lora_model, *a, **k: "merged by the format",
+                                dequantized_layers=dequantize_half,
                                 weight_bytes=lambda numel, double_quant: 2 * numel,
                                 logical_numel=lambda layer: layer.weight.numel()))
     yield QUANTIZERS["half"]
@@ -62,6 +75,12 @@ def test_a_new_format_is_wrapped_targeted_counted_and_merged_through_the_registr
     assert len(model.peft_config["default"].target_modules) == 14  # "all-linear" found the toy layers
     trainable, total = model.get_nb_trainable_parameters()
     assert total == total_float + trainable  # each toy layer counted at its float size
-    assert model.merge_and_unload() == "merged by the format"
+    for _, layer in model.base_model.lora_layers():
+        torch.nn.init.normal_(layer.lora_B["default"].weight)  # a real update to merge
     ids = torch.randint(0, 100, (1, 4))
-    assert model(input_ids=ids).logits.shape == (1, 4, 100)
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    plain = model.merge_and_unload(dtype=torch.float32)  # the format's layers, put in by the model
+    assert not any(isinstance(m, (HalfLinear, HalfLinearLora)) for m in plain.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(plain(input_ids=ids).logits, expected, atol=1e-4, rtol=1e-4)

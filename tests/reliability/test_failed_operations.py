@@ -151,3 +151,44 @@ def test_a_removal_failing_at_its_last_wrapper(monkeypatch, operation):
 
 def test_removing_the_active_adapter_failing_as_the_next_one_becomes_active(monkeypatch):
     fail_at_last_call(monkeypatch, [(LoraModel, "set_adapter")], lambda m: m.base_model.remove_adapter("first"))
+
+
+def quantized_adapters():
+    """A 4-bit model holding "first": q, v on the 4-bit layers, embed_tokens and lm_head float LoRA
+    layers (merged in place, in that order), the final norm trained in full."""
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj", "embed_tokens", "lm_head"],
+                                                    modules_to_save=["norm"]),
+                           adapter_name="first", quantize="nf4")
+    perturb_trainables(model)
+    return model
+
+
+@pytest.mark.parametrize("last", ["replace_module", "merge"])
+def test_a_quantized_merge_and_unload_failing_at_its_last_step(monkeypatch, last):
+    owner = LoraModel if last == "replace_module" else LoraLayer  # unwrapping the last module; the float merge
+    fail_at_last_call(monkeypatch, [(owner, last)], lambda m: m.merge_and_unload(), make=quantized_adapters)
+
+
+def test_a_rolled_back_dora_merge_keeps_no_merge_state(monkeypatch):
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], use_dora=True))
+    perturb_trainables(model)
+    layers = [layer for _, layer in model.base_model.lora_layers()]
+    real, seen = LoraLayer._merge_bias, []
+
+    def failing(self, names, sign):
+        seen.append(self)
+        if len(seen) == len(layers):  # the last layer, after its DoRA norm was kept
+            raise Injected("injected at the last layer's bias")
+        return real(self, names, sign)
+
+    before = snapshot(model, IDS)
+    monkeypatch.setattr(LoraLayer, "_merge_bias", failing)
+    with pytest.raises(Injected):
+        model.merge_adapter()
+    monkeypatch.undo()
+    assert_same(before, snapshot(model, IDS))
+    assert all(not layer.merged_adapters and layer.lora_magnitude_vector["default"].merged_norm is None
+               for layer in layers)
+    model.merge_adapter()  # and a later merge and unmerge work as on a fresh model
+    model.unmerge_adapter()
+    torch.testing.assert_close(snapshot(model, IDS)["logits"], before["logits"], atol=1e-5, rtol=1e-5)

@@ -274,6 +274,14 @@ class LoraLayer(nn.Module):
             self._merge_bias(self.merged_adapters, -1.0)
         self.merged_adapters = []
 
+    def restore_merge_state(self, merged: list[str]) -> None:
+        """After a failed merge whose weights were put back by copy: `merged` are the adapters
+        merged again, and every other adapter's variant forgets what its merge kept."""
+        for name in self.adapters:
+            if name not in merged:
+                self.variant(name).forget_merge(self, name)
+        self.merged_adapters = list(merged)
+
     def _merge_bias(self, names: list[str], sign: float) -> None:
         """Add (sign=+1) or remove (-1) lora_B's bias, scaled, to the base bias."""
         for name in names:

@@ -431,3 +431,6 @@ class DoraVariant(LoraVariant):
         if commit:
             record.merged_norm = None
         return unmerge_weight(weight, layer.delta_weight(name), factor, layer.fan_in_fan_out)
+
+    def forget_merge(self, layer, name):
+        layer.lora_magnitude_vector[name].merged_norm = None

@@ -127,6 +127,10 @@ class LoraVariant:
         """
         return weight - layer.delta_weight(name)
 
+    def forget_merge(self, layer: LoraLayer, name: str) -> None:
+        """Drop what a committed `merge` kept for `unmerge`: the merge was rolled back (its weight
+        put back by copy), so there is nothing to unmerge. Plain LoRA keeps nothing."""
+
 
 VARIANTS: dict[str, LoraVariant] = {PLAIN: LoraVariant()}
 

@@ -14,8 +14,8 @@ from lorakit.quant.lora import (
     Linear4bitLora,
     QuantizedMergeError,
     dequantize_linear,
+    dequantized_layers,
     has_quantized_layers,
-    merge_and_dequantize,
     quantize_for_lora,
 )
 from lorakit.quant.nf4 import (
@@ -36,7 +36,7 @@ registry.register(Quantizer(
     layer_type=Linear4bit,
     quantize_model=quantize_model,
     wrap=Linear4bitLora,
-    merge_and_unload=merge_and_dequantize,
+    dequantized_layers=dequantized_layers,
     weight_bytes=lambda numel, double_quant: nf4_nbytes(numel, double_quant=double_quant),
     logical_numel=lambda layer: layer.quantized_numel,
     shardable=make_parameters_shardable,
@@ -56,7 +56,7 @@ __all__ = [
     "dynamic_map",
     "has_quantized_layers",
     "load_quantized",
-    "merge_and_dequantize",
+    "dequantized_layers",
     "nf4_bits_per_param",
     "nf4_code",
     "nf4_nbytes",

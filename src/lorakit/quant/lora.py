@@ -13,7 +13,7 @@ rounds it back onto the NF4 grid, whose steps (about absmax / 10 of a block) dwa
 5%), so the merged model would lose most of what was trained, and unmerging could not
 restore the original codes. `merge_adapter` therefore
 raises `QuantizedMergeError` on a 4-bit layer (before any layer is changed), and
-`merge_and_unload` takes the dequantizing path of `merge_and_dequantize`: every 4-bit layer
+`merge_and_unload` takes the dequantizing path (`dequantized_layers`): every 4-bit layer
 is dequantized, ΔW added in float32, and the result stored as a 16-bit `nn.Linear`.
 `unmerge` stays consistent trivially: nothing is ever merged into a 4-bit base.
 """
@@ -27,7 +27,7 @@ from torch import nn
 
 from lorakit.config import LoraConfig
 from lorakit.layers import Linear, LoraLayer
-from lorakit.layers.base import QuantizedMergeError, check_finite_merge
+from lorakit.layers.base import QuantizedMergeError
 from lorakit.quant import registry
 from lorakit.quant.linear4bit import Linear4bit
 
@@ -39,7 +39,7 @@ __all__ = [
     "QuantizedMergeError",
     "dequantize_linear",
     "has_quantized_layers",
-    "merge_and_dequantize",
+    "dequantized_layers",
     "quantize_for_lora",
 ]
 
@@ -196,36 +196,31 @@ def _merged_bias(layer: Linear4bitLora, names: list[str]) -> torch.Tensor | None
     return bias
 
 
-def merge_and_dequantize(lora_model: LoraModel, adapter_names: list[str] | None = None, safe_merge: bool = False,
-                         dtype: DtypeChoice = None) -> nn.Module:
-    """`merge_and_unload` for a model with 4-bit layers: a plain float model, no 4-bit layer left.
+def dequantized_layers(lora_model: LoraModel, names: list[str], safe_merge: bool = False,
+                       dtype: DtypeChoice = None) -> dict[str, nn.Linear]:
+    """The float layers that replace a model's 4-bit ones in `merge_and_unload`, computed without
+    changing the model.
 
-    Every 4-bit layer is dequantized; where it carries adapters their ΔW (and lora_B bias) is
-    added in float32; the result becomes an `nn.Linear` of `dtype`. Float LoRA layers merge as
-    usual. All new weights are computed (and with `safe_merge` checked) before the model is
-    changed, so an error leaves it as it was.
+    Every 4-bit layer is dequantized; where it carries adapters `names` their ΔW (and lora_B
+    bias) is added in float32; the result is an `nn.Linear` of `dtype`. Float LoRA layers are
+    not included: `LoraModel.merge_and_unload` merges them (with its rollback) and puts these in.
 
     Args:
-        lora_model: The LoraModel (modified: it is unloaded).
-        adapter_names: Adapters to merge. Default: the active one.
-        safe_merge: Check every merged weight for NaN/inf first.
-        dtype: None (default): the whole model is cast to bfloat16. "original": each dequantized
-            layer gets the dtype its weight had before quantization and the other tensors
-            keep theirs. A torch dtype: the whole model is cast to it.
+        lora_model: The LoraModel (not modified).
+        names: Adapters to merge (checked to exist by the caller).
+        safe_merge: Check every merged weight for NaN/inf.
+        dtype: "original": each layer gets the dtype its weight had before quantization;
+            otherwise as `dequantize_linear` (the caller casts the whole model afterwards).
 
     Returns:
-        The plain model (`lora_model.model`), with `nn.Linear` layers.
+        Module path -> its replacement, for every 4-bit layer, wrapped by LoRA (the wrapper's
+        path) or not.
 
     Raises:
-        KeyError: an unknown adapter name.
-        ValueError: with safe_merge, a merged weight would hold NaN or inf (nothing changed).
+        ValueError: with safe_merge, a merged weight would hold NaN or inf.
     """
-    names = adapter_names or [lora_model.active_adapter]
-    for name in names:
-        lora_model.check_exists(name)
     model = lora_model.model
     replacements: dict[str, nn.Linear] = {}
-    float_layers: list[tuple[str, LoraLayer]] = []
     for path, module in model.named_modules():
         if path.endswith(".base_layer") and isinstance(model.get_submodule(path[: -len(".base_layer")]), LoraLayer):
             continue  # handled with its wrapper
@@ -237,15 +232,4 @@ def merge_and_dequantize(lora_model: LoraModel, adapter_names: list[str] | None 
             replacements[path] = dequantize_linear(module.base_layer, dtype, weight, _merged_bias(module, present))
         elif isinstance(module, Linear4bit):
             replacements[path] = dequantize_linear(module, dtype)
-        elif isinstance(module, LoraLayer):
-            float_layers.append((path, module))
-    if safe_merge:
-        check_finite_merge(float_layers, names)
-    for _, layer in float_layers:
-        layer.merge([n for n in names if n in layer.adapters])
-    for path, linear in replacements.items():
-        lora_model.replace_module(path, linear)
-    model = lora_model.unload()
-    if dtype != "original":
-        model.to(torch.bfloat16 if dtype is None else dtype)
-    return model
+    return replacements

@@ -4,7 +4,7 @@
 
 A format is one `Quantizer` record: the frozen layer type it stores weights in, how to quantize
 a model's Linears into it, the LoRA wrapper its layers get, how a LoRA model on it is merged
-(dequantized) and unloaded, how many bytes one stored weight takes and how many parameters a
+(dequantized) for unloading, how many bytes one stored weight takes and how many parameters a
 layer stands for. The layer dispatcher, targeting, merging, parameter counting and the memory
 estimate ask this registry; none of them names a format. A new format is its own module plus
 one `register(Quantizer(...))` (lorakit.quant registers "nf4").
@@ -32,7 +32,9 @@ class Quantizer:
         quantize_model: (model, skip: set of module paths, double_quant, compute_dtype) -> the
             model, every `nn.Linear` outside `skip` replaced in place.
         wrap: The LoRA wrapper of one quantized layer.
-        merge_and_unload: (lora_model, adapter_names, safe_merge, dtype) -> the plain float model.
+        dequantized_layers: (lora_model, adapter_names, safe_merge, dtype) -> {module path: the
+            float `nn.Linear` replacing that quantized layer (adapters merged in)}, computed
+            without changing the model (`LoraModel.merge_and_unload` puts them in, with rollback).
         weight_bytes: (numel, double_quant) -> bytes of one stored weight, scales included.
         logical_numel: Parameters a quantized layer stands for (its float weight's numel), which
             parameter counts add since the packed storage is not a parameter.
@@ -45,7 +47,7 @@ class Quantizer:
     layer_type: type[nn.Module]
     quantize_model: Callable[..., nn.Module]
     wrap: Callable[[nn.Module], LoraLayer]
-    merge_and_unload: Callable[..., nn.Module]
+    dequantized_layers: Callable[..., dict[str, nn.Module]]
     weight_bytes: Callable[[int, bool], float]
     logical_numel: Callable[[nn.Module], int]
     shardable: Callable[[nn.Module], None] | None = None
