@@ -1,6 +1,6 @@
 """Serving throughput: the real `lorakit serve`, 1 / 16 / 64 concurrent requests over mixed adapters.
 
-Usage: python -m benchmarks.serve [--quick] [--threads N] [--repeats N] [--markdown]
+Usage: python -m benchmarks.serve [--quick] [--threads N] [--repeats N] [--markdown] [--write-docs]
 
 Builds a Llama-style model from a config (no download) and four r=8 adapters on q_proj/v_proj,
 saves them, and starts `python -m lorakit.cli serve` on them in a subprocess on 127.0.0.1
@@ -17,7 +17,9 @@ row's median tokens/s over rounds and its range (the machine is shared: the rang
 
 Goals it prints, each as the median over rounds of that round's ratio (paired: a slow round for
 the machine slows both sides): 16 concurrent >= 4x the tokens/s of the same 16 one after
-another, and >= 0.7x the batched `generate`.
+another, and >= 0.7x the batched `generate`. `--write-docs` puts the table and goals into
+docs/benchmarks.md in its own section (the rest of the file is left alone). The server's stderr
+goes to a temporary file whose tail is printed if the server dies.
 """
 
 from __future__ import annotations
@@ -39,6 +41,9 @@ from . import common
 from .common import ModelSpec
 
 MODULE = "benchmarks.serve"
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
+SECTION_START, SECTION_END = "<!-- benchmarks.serve: start -->", "<!-- benchmarks.serve: end -->"
+LOG_TAIL = 4000  # characters of the server's stderr printed when it dies
 FULL = ModelSpec(layers=4, hidden=512, intermediate=1376, heads=8, vocab=8192, batch=16, seq=32)
 QUICK = ModelSpec(layers=2, hidden=256, intermediate=688, heads=4, vocab=4096, batch=16, seq=16)
 ADAPTERS = [f"a{i}" for i in range(4)]
@@ -107,11 +112,22 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(model_dir: Path, adapters: dict[str, Path], threads: int, max_tokens: int) -> tuple[subprocess.Popen, str]:
-    """`lorakit serve` in a subprocess; returns it and its base URL once /health answers.
+def log_tail(log: Path) -> str:
+    """The last LOG_TAIL characters of the server's stderr file (empty when it cannot be read)."""
+    try:
+        return log.read_text(errors="replace")[-LOG_TAIL:]
+    except OSError:
+        return ""
+
+
+def start_server(model_dir: Path, adapters: dict[str, Path], threads: int, max_tokens: int,
+                 log: Path) -> tuple[subprocess.Popen, str]:
+    """`lorakit serve` in a subprocess, its stderr into the file `log`; returns it and its base
+    URL once /health answers.
 
     Raises:
-        RuntimeError: the server exited or did not answer within 120 s.
+        RuntimeError: the server exited (the message ends with its stderr's tail) or did not
+            answer within 120 s.
     """
     import httpx
 
@@ -120,12 +136,14 @@ def start_server(model_dir: Path, adapters: dict[str, Path], threads: int, max_t
                "--served-model-name", "base", "--adapter", ",".join(f"{n}={p}" for n, p in adapters.items()),
                "--max-batch-size", str(MAX_BATCH), "--max-tokens-limit", str(max_tokens), "--device", "cpu"]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    with open(log, "wb") as stderr:
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr, env=env)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"the server exited with status {process.returncode}: {' '.join(command)}")
+            raise RuntimeError(f"the server exited with status {process.returncode}: {' '.join(command)}\n"
+                               f"its stderr ends:\n{log_tail(log)}")
         try:
             if httpx.get(url + "/health", timeout=1).status_code == 200:
                 return process, url
@@ -133,7 +151,7 @@ def start_server(model_dir: Path, adapters: dict[str, Path], threads: int, max_t
             pass
         time.sleep(0.2)
     process.terminate()
-    raise RuntimeError("the server did not answer /health within 120 s")
+    raise RuntimeError(f"the server did not answer /health within 120 s; its stderr ends:\n{log_tail(log)}")
 
 
 async def one_request(client, model: str, prompt: list[int], max_tokens: int) -> Timing:
@@ -194,7 +212,8 @@ def run(spec: ModelSpec, threads: int, repeats: int, max_tokens: int, log=print)
         model_dir, adapters = write_model(Path(tmp), spec)
         reference, _ = load_model_and_tokenizer(str(model_dir))
         torch.set_num_threads(threads)
-        process, url = start_server(model_dir, adapters, threads, max_tokens)
+        server_log = Path(tmp) / "server.stderr"
+        process, url = start_server(model_dir, adapters, threads, max_tokens, server_log)
         try:
             async def rounds() -> None:
                 client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=600)
@@ -213,7 +232,13 @@ def run(spec: ModelSpec, threads: int, repeats: int, max_tokens: int, log=print)
                         levels[name].timings += timings
                 await client.close()
 
-            asyncio.run(rounds())
+            try:
+                asyncio.run(rounds())
+            except Exception:
+                if process.poll() is not None:  # the server died under the load: say why
+                    print(f"[serve] the server exited with status {process.returncode}; its stderr ends:\n"
+                          f"{log_tail(server_log)}", file=sys.stderr)
+                raise
         finally:
             process.terminate()
             process.wait(30)
@@ -261,6 +286,30 @@ def goals(levels: dict[str, Level]) -> list[str]:
     return lines
 
 
+def section(levels: dict[str, Level], spec: ModelSpec, repeats: int, max_tokens: int, threads: int,
+            command: str) -> str:
+    """The docs/benchmarks.md section, between its markers."""
+    machine = common.machine()
+    return "\n".join([
+        SECTION_START,
+        "## Serving throughput (`python -m benchmarks.serve`)",
+        "",
+        f"Generated by `{command}`; {machine['cpu']}, {machine['cores']} cores (shared with other jobs), "
+        f"torch {machine['torch']}, transformers {machine['transformers']}, lorakit {machine['lorakit commit']}, "
+        f"{threads} torch thread(s).",
+        "",
+        f"- Model: {spec.describe().split(';')[0]} (random, no end-of-sequence token); {len(ADAPTERS)} adapters "
+        f"r={RANK} on q_proj/v_proj, requests take them in turn; prompts of {spec.seq} tokens, {max_tokens} new "
+        f"tokens each, greedy, streamed through AsyncOpenAI to `lorakit serve --max-batch-size {MAX_BATCH}` in a "
+        f"subprocess; {repeats} rounds. The machine is shared: the ranges over rounds are the noise.",
+        "",
+        table(levels),
+        "",
+        "\n".join(f"- {line}." for line in goals(levels)),
+        SECTION_END,
+    ])
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a smaller model, fewer tokens, one round")
@@ -268,6 +317,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=None, help="rounds (default 3; --quick 1)")
     parser.add_argument("--max-tokens", type=int, default=None, help="tokens per request (default 32; --quick 8)")
     parser.add_argument("--markdown", action="store_true", help="also print the docs/benchmarks.md section")
+    parser.add_argument("--write-docs", action="store_true", help="put the section into docs/benchmarks.md")
     args = parser.parse_args(argv)
     spec = QUICK if args.quick else FULL
     repeats = args.repeats or (1 if args.quick else 3)
@@ -276,12 +326,16 @@ def main(argv: list[str] | None = None) -> None:
     print(table(levels))
     for line in goals(levels):
         print(line)
+    command = f"python -m {MODULE}" + (" --quick" if args.quick else "") + (
+        f" --repeats {args.repeats}" if args.repeats else "") + (
+        f" --max-tokens {args.max_tokens}" if args.max_tokens else "") + (
+        f" --threads {args.threads}" if args.threads != 1 else "")
+    text = section(levels, spec, repeats, max_tokens, args.threads, command)
     if args.markdown:
-        machine = common.machine()
-        print(f"\nModel: {spec.describe().split(';')[0]}; {len(ADAPTERS)} adapters r={RANK} on q_proj/v_proj; "
-              f"prompts of {spec.seq} tokens, {max_tokens} new tokens each; {repeats} rounds; "
-              f"{machine['cpu']}, {machine['cores']} cores, torch {machine['torch']}, transformers "
-              f"{machine['transformers']}, lorakit {machine['lorakit commit']}, {args.threads} torch thread(s).")
+        print("\n" + text)
+    if args.write_docs:
+        common.write_section(DOCS, SECTION_START, SECTION_END, text)
+        print(f"wrote {DOCS}")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ import torch
 
 from lorakit import BASE_ADAPTER, LoraConfig, get_peft_model
 from lorakit.layers import AdapterRouting, autograd, stacked
+from lorakit.layers.linear import Linear
 
 from conftest import tiny_bert_classifier, tiny_llama
 
@@ -99,10 +100,10 @@ def stack_calls(monkeypatch):
     calls = {"apply": {}, "build": {}}
     apply, build = stacked.LoraStack.apply, stacked.LoraStack.__init__
 
-    def counted_apply(self, x, result, idx, in_place):
+    def counted_apply(self, x, result, idx, in_place, shared=None):
         key = "Embedding" if self.embedding else "Linear"
         calls["apply"][key] = calls["apply"].get(key, 0) + 1
-        return apply(self, x, result, idx, in_place)
+        return apply(self, x, result, idx, in_place, shared)
 
     def counted_build(self, layer):
         calls["build"][type(layer).__name__] = calls["build"].get(type(layer).__name__, 0) + 1
@@ -286,3 +287,48 @@ def test_autocast_takes_the_grouped_path(stack_calls):
         out = model(ids, adapter_names=names).logits
     assert "Linear" not in stack_calls["apply"]
     assert_rows_alone(model, ids, names, out.float(), tol=5e-2)
+
+
+@pytest.mark.parametrize("name", ["bias", "b", "rs"])
+def test_rows_sharing_one_adapter_take_the_ungathered_product(name, monkeypatch):
+    """All rows on one adapter (rank below r_max; lora_bias; on some layers only): the shared-slot
+    product in every linear layer that holds it, equal to the adapter alone and to the gathered product."""
+    model = five_adapters()
+    ids = torch.randint(0, 100, (4, 6), generator=torch.Generator().manual_seed(10))
+    names = [name] * 4
+    shared = []
+    apply = stacked.LoraStack._apply_shared
+
+    def recorded(self, x, result, slot, in_place):
+        shared.append(slot)
+        return apply(self, x, result, slot, in_place)
+
+    monkeypatch.setattr(stacked.LoraStack, "_apply_shared", recorded)
+    out = mixed(model, ids, names)
+    holding = [m for m in model.modules() if isinstance(m, Linear) and name in m.adapters]
+    assert len(shared) == len(holding) > 0 and stacked.ZERO_SLOT not in shared
+    assert_rows_alone(model, ids, names, out)
+    row_slots = stacked.LoraStack.row_slots
+    monkeypatch.setattr(stacked.LoraStack, "row_slots", lambda self, *args: (row_slots(self, *args)[0], None))
+    shared.clear()
+    torch.testing.assert_close(mixed(model, ids, names), out, rtol=1e-5, atol=1e-5)  # gathered: the same
+    assert not shared
+
+
+def test_row_slots_are_built_once_per_batch_composition():
+    model = five_adapters()
+    q_proj = model.base_model.model.model.layers[0].self_attn.q_proj  # a (slot 1), b (2), bias (3)
+    stack = stacked.stack_for(q_proj)
+    cpu = torch.device("cpu")
+    idx, shared = stack.row_slots(("b", BASE_ADAPTER, "c", "bias"), 2, cpu)  # "c" is not on q_proj
+    assert idx.tolist() == [2, 2, 0, 0, 0, 0, 3, 3] and shared is None
+    assert stack.row_slots(("b", BASE_ADAPTER, "c", "bias"), 2, cpu)[0] is idx  # kept: a decode loop reuses it
+    assert stack.row_slots(("a", "a"), 1, cpu)[1] == 1
+    assert stack.row_slots((BASE_ADAPTER, "c"), 1, cpu)[1] == stacked.ZERO_SLOT
+    for i in range(stacked.ROW_SLOTS_KEPT):  # bounded: the oldest composition goes first
+        stack.row_slots(("a",) * (i + 1), 3, cpu)
+    assert stack.row_slots(("b", BASE_ADAPTER, "c", "bias"), 2, cpu)[0] is not idx
+    ids = torch.randint(0, 100, (2, 5), generator=torch.Generator().manual_seed(11))
+    out = mixed(model, ids, ["bias", "a"])  # a forward builds its routing afresh, the stack's index is reused
+    assert ((("bias", "a"), 1, cpu)) in stack._row_slots
+    assert_rows_alone(model, ids, ["bias", "a"], out)

@@ -48,9 +48,10 @@ class AdapterRouting:
 
     def __init__(self, adapter_names: list[str]) -> None:
         self.adapter_names = list(adapter_names)
+        self._names = tuple(self.adapter_names)  # the batch composition, the key of `LoraStack.row_slots`
+        self._distinct = list(dict.fromkeys(self.adapter_names))
         self._groups: dict[tuple[int, torch.device], list[tuple[str, torch.Tensor]]] = {}
         self._plans: dict[int, tuple[object, list[str], bool]] = {}  # id(layer) -> (layer, routed names, stackable)
-        self._slots: dict[tuple[int, int, torch.device], tuple[stacked.LoraStack, torch.Tensor]] = {}
 
     def rows_per_name(self, batch_size: int) -> int:
         """How many consecutive rows each name covers (1, or k for k repeats per row).
@@ -80,26 +81,11 @@ class AdapterRouting:
             self._groups[key] = [(name, torch.tensor(rows, device=device)) for name, rows in groups.items()]
         return self._groups[key]
 
-    def slot_index(self, stack: stacked.LoraStack, batch_size: int, device: torch.device) -> torch.Tensor:
-        """(batch_size,) long: each row's slot in `stack` (ZERO_SLOT for base rows), built once per
-        stack and batch shape.
-
-        Raises:
-            ValueError: the batch size is not a multiple of the number of names.
-        """
-        key = (id(stack), batch_size, device)
-        held = self._slots.get(key)
-        if held is None or held[0] is not stack:
-            slots = [stack.slots.get(name, stacked.ZERO_SLOT) for name in self.adapter_names]
-            index = torch.tensor(slots, device=device).repeat_interleave(self.rows_per_name(batch_size))
-            held = self._slots[key] = (stack, index)
-        return held[1]
-
     def _plan(self, layer) -> tuple[list[str], bool]:
         """(the routed adapters `layer` holds, whether the stacked path can serve them), once per routing."""
         plan = self._plans.get(id(layer))
         if plan is None or plan[0] is not layer:
-            routed = [n for n in dict.fromkeys(self.adapter_names) if n in layer.adapters]
+            routed = [n for n in self._distinct if n in layer.adapters]
             stackable = stacked.supports(layer) and all(
                 layer.adapters[n].variant == PLAIN and not (layer.training and layer.adapters[n].dropout > 0)
                 for n in routed)
@@ -126,7 +112,8 @@ class AdapterRouting:
         if stack is not None:
             # In place only where no graph or hook can hold the base output.
             in_place = not torch.is_grad_enabled() and not layer.base_layer._forward_hooks and result.is_contiguous()
-            return stack.apply(x, result, self.slot_index(stack, x.shape[0], x.device), in_place)
+            idx, shared = stack.row_slots(self._names, self.rows_per_name(x.shape[0]), x.device)
+            return stack.apply(x, result, idx, in_place, shared)
         rows_all, deltas = [], []
         for name, rows in self.groups(x.shape[0], x.device):
             if name in layer.adapters:  # an adapter may not target this layer

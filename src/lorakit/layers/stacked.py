@@ -18,7 +18,12 @@ whatever the number of adapters:
 
 Padded ranks and slot 0 add exact zeros. The gathered copies `a[idx]`, `b[idx]` of a Linear
 take B · r_max · (in + out) numbers per forward; a batched matmul over them (`torch.bmm`) beat
-sorting rows by adapter on CPU for small ranks (`benchmarks/mixed_batch.py`).
+sorting rows by adapter on CPU for small ranks (`benchmarks/mixed_batch.py`). The first product
+runs as (r_max, in) @ (in, L) per row and is read transposed: on CPU about 1.6x faster than
+(L, in) @ (in, r_max), whose r_max-wide output suits the matmul kernels badly. Where every row
+takes one slot (a batch on one adapter, a decode step of one adapter's requests) a Linear runs
+two plain matrix products over all B · L positions at that adapter's own rank, with no gather
+(`LoraStack.row_slots` tells, once per batch composition).
 
 Memory: the stack is one more copy of the layer's stacked adapters,
 S · r_max · (in + out) numbers (+ S · out with lora_bias) in the adapters' dtype (float32 as a
@@ -50,6 +55,7 @@ from .linear import Linear
 from .variant import PLAIN
 
 ZERO_SLOT = 0  # slot of rows that add nothing
+ROW_SLOTS_KEPT = 64  # batch compositions whose row index a stack keeps (`LoraStack.row_slots`)
 
 
 def factor_tensors(layer, name: str) -> tuple[torch.Tensor, ...]:
@@ -142,6 +148,8 @@ class LoraStack:
         self.slots = {name: slot for slot, name in enumerate(factors, start=ZERO_SLOT + 1)}
         self.a = self.b = self.bias = None
         self.nbytes = 0
+        self.ranks = [0] + [self.specs[name].r for name in self.slots]  # slot -> its adapter's rank
+        self._row_slots: dict[tuple, tuple[torch.Tensor, int | None]] = {}  # see row_slots
         if factors:
             self._build(layer, factors, first)
 
@@ -175,7 +183,36 @@ class LoraStack:
         """Whether this stack still holds what `layer` holds (see `_Watch`)."""
         return self.watch.unchanged(layer)
 
-    def apply(self, x: torch.Tensor, result: torch.Tensor, idx: torch.Tensor, in_place: bool) -> torch.Tensor:
+    def row_slots(self, names: tuple[str, ...], repeats: int, device: torch.device) -> tuple[torch.Tensor, int | None]:
+        """Each row's slot for a batch whose rows run `names` (each name `repeats` consecutive rows),
+        built once per batch composition and kept with the stack (a decode loop that routes the
+        same names step after step builds it once; a rebuilt stack starts afresh).
+
+        Args:
+            names: One adapter name per group of `repeats` rows; names this stack does not hold
+                (the base, or adapters that do not target the layer) get ZERO_SLOT.
+            repeats: Rows per name.
+            device: Where the index lives.
+
+        Returns:
+            (idx, shared): idx (len(names) * repeats,) long, each row's slot; shared the one
+            slot every row takes, or None where the rows differ.
+        """
+        key = (names, repeats, device)
+        held = self._row_slots.get(key)
+        if held is None:
+            slots = [self.slots.get(name, ZERO_SLOT) for name in names]
+            idx = torch.tensor(slots, device=device)
+            if repeats > 1:
+                idx = idx.repeat_interleave(repeats)
+            held = (idx, slots[0] if len(set(slots)) == 1 else None)
+            if len(self._row_slots) >= ROW_SLOTS_KEPT:
+                self._row_slots.pop(next(iter(self._row_slots)))  # the oldest composition
+            self._row_slots[key] = held
+        return held
+
+    def apply(self, x: torch.Tensor, result: torch.Tensor, idx: torch.Tensor, in_place: bool,
+              shared: int | None = None) -> torch.Tensor:
         """`result` plus each row's adapter, in one gathered product per factor.
 
         Args:
@@ -184,10 +221,15 @@ class LoraStack:
             idx: (B,) long: each row's slot.
             in_place: Add into `result` itself (no new output-sized tensor: a fresh output of
                 that size costs about as much as the LoRA products here).
+            shared: The slot every row takes, where they all take one (`row_slots`): a Linear
+                then runs two plain matrix products over all B · L positions at the adapter's
+                own rank, with no gathered copy.
 
         Returns:
             `result`'s shape and dtype (`result` itself when `in_place`).
         """
+        if shared is not None and not self.embedding:
+            return self._apply_shared(x, result, shared, in_place)
         rows = x.shape[0]
         if self.embedding:
             ids = x.reshape(rows, -1)  # (B, L)
@@ -195,7 +237,9 @@ class LoraStack:
             h = F.embedding(ids + (idx * n_embeddings)[:, None], self.a)  # (B, L, r_max)
         else:
             x3 = x.reshape(rows, -1, x.shape[-1]).to(self.a.dtype)  # (B, L, in)
-            h = torch.bmm(x3, self.a.index_select(0, idx).transpose(1, 2))  # (B, L, r_max)
+            # (r_max, in) @ (in, L) per row: on CPU about 1.6x faster than (L, in) @ (in, r_max),
+            # whose narrow output (r_max columns) suits the matmul kernels badly.
+            h = torch.bmm(self.a.index_select(0, idx), x3.transpose(1, 2)).transpose(1, 2)  # (B, L, r_max)
         b = self.b.index_select(0, idx)  # (B, r_max, out)
         out3 = result.reshape(rows, -1, result.shape[-1])  # (B, L, out)
         if out3.dtype == b.dtype and self.bias is None:
@@ -207,6 +251,25 @@ class LoraStack:
             delta = delta + self.bias.index_select(0, idx)[:, None, :]
         delta = delta.to(result.dtype)
         return (out3.add_(delta) if in_place else out3 + delta).reshape(result.shape)
+
+    def _apply_shared(self, x: torch.Tensor, result: torch.Tensor, slot: int, in_place: bool) -> torch.Tensor:
+        """`apply` for a Linear whose rows all take `slot`: its factors at rank r, no gather."""
+        if slot == ZERO_SLOT:
+            return result
+        r = self.ranks[slot]
+        a, b = self.a[slot, :r], self.b[slot, :r]  # (r, in), (r, out)
+        x2 = x.reshape(-1, x.shape[-1]).to(a.dtype)  # (N, in)
+        h = torch.mm(a, x2.t()).t()  # (N, r): (r, in) @ (in, N), the faster orientation (see apply)
+        out2 = result.reshape(-1, result.shape[-1])  # (N, out)
+        if out2.dtype == b.dtype and self.bias is None:
+            if in_place:
+                return out2.addmm_(h, b).reshape(result.shape)
+            return torch.addmm(out2, h, b).reshape(result.shape)
+        delta = torch.mm(h, b)  # (N, out)
+        if self.bias is not None:
+            delta = delta + self.bias[slot]
+        delta = delta.to(result.dtype)
+        return (out2.add_(delta) if in_place else out2 + delta).reshape(result.shape)
 
 
 _STACKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
