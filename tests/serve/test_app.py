@@ -531,3 +531,5 @@ def test_serve_device_flag_and_max_batch(capsys):
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and message in err
     assert cli.parse("serve", ["--max-batch", "4"])["max_batch_size"] == 4  # --max-batch is --max-batch-size
+    assert cli.main(["serve", "--batch-wait-ms", "-1", "--port", str(free_port())]) == 2
+    assert "--batch-wait-ms must be in [0, 1000], got -1" in capsys.readouterr().err

@@ -1,7 +1,9 @@
 """The serving engine: batched steps equal the library's own generate (sliding-window and alternating
 models, padded rows, rows joining later), prompts arriving together share one prefill, rows fail and stop alone."""
 
+import asyncio
 import threading
+import time
 
 import pytest
 import torch
@@ -240,6 +242,85 @@ def test_finish_reasons_and_stop_strings():
     eos = submit(engine, PROMPTS[1], "b", max_tokens=6, **GREEDY).wait()
     assert eos.last.finish_reason == "stop" and eos.tokens == model_answer.tokens[:1]
     engine.stop()
+
+
+def test_async_outputs_reach_each_event_loop_once_per_step_in_order():
+    model = adapters_model()
+    engine = Engine(model, WordTokenizer(), max_batch_size=8)
+    engine.eos_token_ids = set()
+    jobs = [(name, prompt) for name in ["a", "b"] for prompt in PROMPTS]
+
+    async def run():
+        loop = asyncio.get_running_loop()
+        wakeups = []
+        real = loop.call_soon_threadsafe
+        loop.call_soon_threadsafe = lambda *args: (wakeups.append(args[0]), real(*args))[1]
+        streams = [engine.submit_async(prompt, name, SamplingParams(max_tokens=6, **GREEDY)) for name, prompt in jobs]
+        engine.start()
+        answers = []
+        for stream in streams:
+            answers.append([out async for out in stream])
+        return answers, wakeups
+
+    answers, wakeups = asyncio.run(run())
+    engine.stop()
+    model.generation_config.eos_token_id = None
+    for (name, prompt), outputs in zip(jobs, answers):
+        assert [t for out in outputs for t in out.token_ids] == reference(model, name, prompt, 6)
+        assert [out.completion_tokens for out in outputs] == list(range(1, 7))  # in order, none lost
+    # 6 rows x 6 tokens, handed over per step (a prefill, then 5 decodes), not per token
+    assert len(wakeups) == 6 < len(jobs) * 6
+
+
+def test_a_request_whose_event_loop_closed_is_cancelled():
+    engine = Engine(adapters_model(), WordTokenizer())
+    engine.eos_token_ids = set()
+
+    async def submit_and_leave():
+        return engine.submit_async(PROMPTS[0], "a", SamplingParams(max_tokens=10_000, **GREEDY))
+
+    asyncio.run(submit_and_leave())  # the loop is closed now: nobody can read the outputs
+    engine.start()
+    deadline = time.monotonic() + 30
+    while engine.stats.cancelled == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine.stats.cancelled == 1 and engine.num_running == 0 and engine.alive
+    engine.stop()
+
+
+def test_batch_wait_prefills_a_burst_together():
+    model = adapters_model()
+    engine = Engine(model, WordTokenizer(), max_batch_size=8, batch_wait=0.5)
+    engine.start()
+    results = []
+    for i in range(4):  # arriving 50 ms apart, each within batch_wait of the one before
+        results.append(submit(engine, PROMPTS[i % 3], "ab"[i % 2], max_tokens=4, **GREEDY))
+        time.sleep(0.05)
+    for result in results:
+        result.wait()
+    engine.stop()
+    assert dict(engine.stats.prefill_batch_sizes) == {4: 1}
+    for i, result in enumerate(results):
+        assert result.tokens == reference(model, "ab"[i % 2], PROMPTS[i % 3], 4)
+    with pytest.raises(ValueError, match="batch_wait"):
+        Engine(model, WordTokenizer(), batch_wait=-1)
+    with pytest.raises(ValueError, match="kv_chunk"):
+        Engine(model, WordTokenizer(), kv_chunk=0)
+
+
+def test_warm_up_allocates_the_cache_and_changes_no_answer():
+    model = adapters_model()
+    engine = Engine(model, WordTokenizer(), max_batch_size=4)
+    engine.start()
+    assert engine.kv_cache_bytes == 0  # allocated by the first forward
+    size = engine.warm_up().result(30)
+    config = model.config
+    head_dim = config.hidden_size // config.num_attention_heads
+    assert size == engine.kv_cache_bytes == \
+        config.num_hidden_layers * 2 * 4 * config.num_key_value_heads * 256 * head_dim * 4  # layers, k+v, slots, fp32
+    result = submit(engine, PROMPTS[1], "b", max_tokens=6, **GREEDY).wait()
+    engine.stop()
+    assert result.tokens == reference(model, "b", PROMPTS[1], 6)
 
 
 def test_cancel_waiting_and_running_requests():

@@ -372,12 +372,25 @@ def test_metrics_count_requests_tokens_and_latencies(files):
         assert samples[("lorakit_inter_token_latency_seconds_count", ())] == sum(u.completion_tokens - 1 for u in usages)
         assert samples[("lorakit_adapters_loaded", ())] == len(app.state.registry.loaded()) == 2
         assert samples[("lorakit_queue_depth", ())] == samples[("lorakit_running_requests", ())] == 0
+        assert samples[("lorakit_kv_cache_bytes", ())] == app.state.engine.kv_cache_bytes > 0
         other_app = make_app(files)  # its own registry: nothing counted, no clash with this one
         assert other_app.state.metrics.registry is not app.state.metrics.registry
 
 
-def log_lines(caplog):
-    return [json.loads(r.getMessage()) for r in caplog.records if r.name == "lorakit.serve" and r.levelname == "INFO"]
+def log_lines(caplog, event="request"):
+    """The JSON lines on "lorakit.serve" at INFO of one `event` ("request": one line per request; "ready")."""
+    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "lorakit.serve" and r.levelname == "INFO"]
+    return [line for line in lines if line.get("event") == event]
+
+
+def test_startup_allocates_the_kv_cache_and_says_how_big(files, caplog):
+    caplog.set_level("INFO", logger="lorakit.serve")
+    app = make_app(files)
+    with running(app) as url:
+        (ready,) = log_lines(caplog, "ready")
+        assert ready["kv_cache_bytes"] == app.state.engine.kv_cache_bytes > 0  # before any request
+        assert metric_samples(url)[("lorakit_kv_cache_bytes", ())] == ready["kv_cache_bytes"]
+        assert log_lines(caplog) == []  # no request yet, so no request line
 
 
 def test_one_json_log_line_per_request_without_the_prompt(files, caplog):

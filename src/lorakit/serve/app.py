@@ -133,7 +133,7 @@ def create_app(model: nn.Module, tokenizer: Any, *, model_name: str | None = Non
                max_batch_size: int = 16, max_prompt_tokens: int = 4096, max_tokens_limit: int = 1024,
                max_request_bytes: int = 1_000_000, api_key: str | None = None, adapter_loading: bool = True,
                max_queue: int = 128, request_timeout: float | None = None, body_timeout: float | None = 30.0,
-               log_prompts: bool = False) -> FastAPI:
+               log_prompts: bool = False, batch_wait: float = 0.005) -> FastAPI:
     """The FastAPI app serving `model` and its adapters (run it with uvicorn).
 
     The engine thread starts with the app (its lifespan) and command-line adapters are
@@ -160,6 +160,8 @@ def create_app(model: nn.Module, tokenizer: Any, *, model_name: str | None = Non
         body_timeout: Seconds a request body may take to arrive (408 and the connection closed
             after). Default 30; None for no limit.
         log_prompts: Put each request's prompt (or messages) in its log line. Default False.
+        batch_wait: Seconds an idle engine waits for requests arriving right after the first
+            (each arrival waits again, 4 x at most), so a burst shares one prefill. Default 0.005.
 
     Raises:
         ValueError: a bad limit, adapter name or adapter_dir, or an unsupported model.
@@ -171,14 +173,15 @@ def create_app(model: nn.Module, tokenizer: Any, *, model_name: str | None = Non
                   {"request_timeout": request_timeout, "body_timeout": body_timeout})
     base = model.get_base_model() if isinstance(model, PeftModel) else model
     base_name = model_name or getattr(base.config, "name_or_path", None) or "base"
-    engine = Engine(model, tokenizer, max_batch_size=max_batch_size)
+    engine = Engine(model, tokenizer, max_batch_size=max_batch_size, batch_wait=batch_wait)
     resident = list(model.peft_config) if isinstance(model, PeftModel) else []
     registry = AdapterRegistry(engine, base_name=base_name, max_loaded=max_loaded, adapter_dir=adapter_dir,
                                adapters=adapters, resident=resident)
     limits = Limits(max_prompt_tokens, max_tokens_limit, getattr(base.config, "max_position_embeddings", None))
     admission = Admission(max_batch_size + max_queue)
     metrics = Metrics(queue_depth=lambda: max(0, admission.admitted - engine.num_running),
-                      running=lambda: engine.num_running, adapters_loaded=lambda: len(registry.loaded()))
+                      running=lambda: engine.num_running, adapters_loaded=lambda: len(registry.loaded()),
+                      kv_cache_bytes=lambda: engine.kv_cache_bytes)
     vocab_size = base.config.vocab_size
     started = now()
 
@@ -187,6 +190,8 @@ def create_app(model: nn.Module, tokenizer: Any, *, model_name: str | None = Non
         engine.start()
         try:
             await registry.preload()
+            kv_bytes = await asyncio.wrap_future(engine.warm_up())
+            logger.info(json.dumps({"event": "ready", "kv_cache_bytes": kv_bytes, "slots": max_batch_size}))
         except Exception as err:
             app.state.startup_error = err
             engine.stop()
@@ -610,6 +615,7 @@ def serve(
     request_timeout: float | None = None,
     body_timeout: float = 30.0,
     log_prompts: bool = False,
+    batch_wait_ms: float = 5.0,
 ) -> int:
     """Serve a base model and its LoRA adapters over an OpenAI-compatible HTTP API.
 
@@ -641,6 +647,9 @@ def serve(
         body_timeout: Seconds a request body may take to arrive; a slower one is answered 408 and
             its connection closed.
         log_prompts: Put each request's prompt (or messages) in its JSON log line.
+        batch_wait_ms: Milliseconds an idle server waits after a request for others arriving with
+            it (each arrival waits again, 4 x at most), so a burst is prefilled together; 0 starts
+            at once. Requests already running are never delayed.
 
     Returns:
         0 after a clean shutdown (Ctrl-C).
@@ -656,6 +665,8 @@ def serve(
     from ..hub import DEFAULT_MODEL_NAME, ModelLoadError, load_model_and_tokenizer
 
     adapters = parse_adapter_flags(adapter or [])
+    if not 0 <= batch_wait_ms <= 1000:
+        raise ValueError(f"--batch-wait-ms must be in [0, 1000], got {batch_wait_ms}")
     api_key = _api_key(api_key)
     where = resolve_device(device)
     try:
@@ -668,7 +679,7 @@ def serve(
                      max_prompt_tokens=max_prompt_tokens, max_tokens_limit=max_tokens_limit,
                      max_request_bytes=max_request_bytes, api_key=api_key, adapter_loading=adapter_loading,
                      max_queue=max_queue, request_timeout=request_timeout, body_timeout=body_timeout,
-                     log_prompts=log_prompts)
+                     log_prompts=log_prompts, batch_wait=batch_wait_ms / 1000)
     _show_request_log()
     # uvicorn's access log is off: the "lorakit.serve" logger writes one JSON line per request instead
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info", access_log=False))

@@ -18,7 +18,8 @@ Columns are shared: every row writes its next token at the same column t, and a 
 tokens fill the columns just before it, [start_i, t). One iteration of the loop:
 
     1. between steps: run queued jobs (adapter attach/detach), drop cancelled requests (their
-       slots free at once), then admit waiting ones into the free slots
+       slots free at once), then admit waiting ones into the free slots (an idle engine first
+       waits `batch_wait` for a burst's other requests)
     2. ONE prefill forward for all the admitted prompts (P = the longest), slots [B, B + G):
          input_ids: the prompts, left-padded                    (G, P)
          columns [t - P, t); attention_mask 0 over padding      (G, t)
@@ -30,6 +31,9 @@ tokens fill the columns just before it, [start_i, t). One iteration of the loop:
          position_ids: each row's own length n_i                 (B, 1)
          adapter_names: each row's adapter, or "__base__"
        then sample each row's next token, emit its new text, retire finished rows; t += 1
+
+After the prefill and after the decode, each event loop gets that forward's Outputs for its
+requests in one call (`submit_async`), not one wakeup per row.
 
 When t would pass the buffers' capacity the columns are moved left (to the oldest running
 request's start) or the buffers grow by a chunk; when a longer prompt joins than t leaves room
@@ -85,6 +89,12 @@ class SamplingParams:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        """Argmax decoding: temperature 0, or below float32's smallest normal number (~1.2e-38,
+        where dividing the logits by it breaks down)."""
+        return self.temperature < torch.finfo(torch.float32).tiny
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,7 +155,7 @@ def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.
         params: temperature 0 means argmax (ties go to the lowest id, as in `generate`).
         generator: The request's CPU generator.
     """
-    if params.temperature < torch.finfo(torch.float32).tiny:
+    if params.greedy:
         return int(torch.argmax(logits))
     probs = torch.softmax((logits - logits.max()) / params.temperature, dim=-1)
     if params.top_p < 1.0:
@@ -226,6 +236,26 @@ class _Sequence:
         return len(self.prompt_ids) + len(self.generated) - 1
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class _AsyncSink:
+    """Where `submit_async` sends a request's Outputs: an asyncio queue on its event loop.
+
+    The engine collects these Outputs during a step and hands each event loop all of its own
+    at once (`Engine._flush`): one wakeup per loop per step, not one per row."""
+
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+
+    def __call__(self, out: Output) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, out)
+
+
+def _deliver(items: list[tuple[asyncio.Queue, Output]]) -> None:
+    """On the event loop: put a step's Outputs in their queues, in order."""
+    for queue, out in items:
+        queue.put_nowait(out)
+
+
 class RequestHandle:
     """A submitted request: `cancel()` removes it at the next step boundary (idempotent)."""
 
@@ -272,16 +302,25 @@ class Engine:
         eos_token_ids: Tokens that end a sequence. Default: the tokenizer's and the model's
             generation_config's end-of-sequence ids.
         kv_chunk: Columns the KV cache starts with and grows by. Default 256.
+        batch_wait: Seconds an idle engine waits, after a request arrives, for more arriving
+            with it: each arrival within it waits again (4 x batch_wait at most), so a burst
+            shares one prefill. 0 (the default) starts at once. Running requests are never delayed.
 
     Raises:
         ValueError: the model is encoder-decoder, or has layers other than full or
-            sliding-window attention (linear attention, state-space, shared KV, ...).
+            sliding-window attention (linear attention, state-space, shared KV, ...); or
+            max_batch_size or kv_chunk below 1, or batch_wait outside [0, 1].
     """
 
     def __init__(self, model: nn.Module, tokenizer: Any, max_batch_size: int = 16,
-                 eos_token_ids: set[int] | None = None, kv_chunk: int = 256) -> None:
+                 eos_token_ids: set[int] | None = None, kv_chunk: int = 256, batch_wait: float = 0.0) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        if kv_chunk < 1:
+            raise ValueError(f"kv_chunk must be >= 1, got {kv_chunk}")
+        if not 0 <= batch_wait <= 1:
+            raise ValueError(f"batch_wait must be in [0, 1] seconds, got {batch_wait}")
+        self.batch_wait = batch_wait
         self._peft: PeftModel | None = model if isinstance(model, PeftModel) else None
         self._base: nn.Module = model.get_base_model() if isinstance(model, PeftModel) else model
         _check_supported(self._base)
@@ -302,7 +341,10 @@ class Engine:
         self._waiting: collections.deque[_Sequence] = collections.deque()
         self._jobs: list[tuple[Callable[[], Any], concurrent.futures.Future]] = []
         self._stopping = False
+        self._last_arrival = 0.0  # time.monotonic() of the latest submit
         self._running: list[_Sequence] = []  # engine thread only; self._running[i].slot == i
+        self._outbox: list[tuple[_Sequence, Output]] = []  # engine thread only: this step's async Outputs
+        self._leaving: list[Callable[[], None]] = []  # engine thread only: this step's finished on_done calls
         self._thread: threading.Thread | None = None
 
     # --- lifecycle -------------------------------------------------------------------------------
@@ -323,11 +365,30 @@ class Engine:
         error = RuntimeError("server is shutting down")
         for seq in [*self._running, *self._waiting]:
             self._fail(seq, error)
+        self._flush()
         self._running.clear()
         self._waiting.clear()
         for _, future in self._jobs:
             future.set_exception(error)
         self._jobs.clear()
+
+    def warm_up(self) -> concurrent.futures.Future:
+        """Run one base-model token through the KV cache between steps, so its buffers are
+        allocated (and the kernels' first-call costs paid) now rather than by the first request.
+
+        The future holds the KV cache's size in bytes. With requests running it does nothing.
+        """
+        return self.run_between_steps(self._warm_up)
+
+    def _warm_up(self) -> int:
+        if not self._running:  # (slot 0 is free)
+            with torch.inference_mode():
+                self._cache.plan(slice(0, 1), write_at=0, attend_from=0)
+                self._forward([BASE_ADAPTER], first_column=0, input_ids=torch.zeros(1, 1, dtype=torch.long),
+                              attention_mask=torch.ones(1, 1, dtype=torch.long),
+                              position_ids=torch.zeros(1, 1, dtype=torch.long))
+                self._cache.clear_rows(slice(0, 1))
+        return self._cache.nbytes
 
     @property
     def alive(self) -> bool:
@@ -341,6 +402,11 @@ class Engine:
     def num_waiting(self) -> int:
         return len(self._waiting)
 
+    @property
+    def kv_cache_bytes(self) -> int:
+        """Bytes the KV cache's buffers hold (allocated by `warm_up` or the first request)."""
+        return self._cache.nbytes
+
     # --- submitting --------------------------------------------------------------------------------
 
     def submit(self, prompt_ids: list[int], adapter: str, params: SamplingParams,
@@ -353,7 +419,7 @@ class Engine:
             params: Sampling parameters.
             emit: Called from the engine thread with each Output, in order; must not block.
             on_done: Called from the engine thread exactly once when the request leaves the
-                engine (finished, failed or cancelled).
+                engine (finished, failed or cancelled), after its last Output was emitted.
 
         Raises:
             ValueError: empty prompt, or a seed outside [-2**63, 2**64).
@@ -369,17 +435,15 @@ class Engine:
             if self._stopping:
                 raise RuntimeError("server is shutting down")
             self._waiting.append(seq)
+            self._last_arrival = time.monotonic()
             self._wakeup.notify()
         return RequestHandle(seq)
 
     def submit_async(self, prompt_ids: list[int], adapter: str, params: SamplingParams,
                      on_done: Callable[[], None] | None = None) -> OutputStream:
         """`submit` for asyncio code (call it on the event loop): returns the Outputs as an async iterator."""
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[Output] = asyncio.Queue()
-        handle = self.submit(prompt_ids, adapter, params, lambda out: loop.call_soon_threadsafe(queue.put_nowait, out),
-                             on_done)
-        return OutputStream(queue, handle)
+        sink = _AsyncSink(asyncio.get_running_loop(), asyncio.Queue())
+        return OutputStream(sink.queue, self.submit(prompt_ids, adapter, params, sink, on_done))
 
     def run_between_steps(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
         """Run `fn()` on the engine thread between two steps; the future holds its result."""
@@ -435,6 +499,7 @@ class Engine:
             with self._wakeup:
                 while not (self._stopping or self._waiting or self._running or self._jobs):
                     self._wakeup.wait()
+                self._gather_arrivals()
                 if self._stopping:
                     return
                 jobs, self._jobs = self._jobs, []
@@ -450,6 +515,20 @@ class Engine:
                 for seq in self._running:
                     self._fail(seq, err)
                 self._compact()
+            self._flush()
+
+    def _gather_arrivals(self) -> None:
+        """Idle, with requests waiting: wait until none has arrived for `batch_wait` seconds (at
+        most 4 x batch_wait in all, or until the slots are full), so a burst is prefilled in one
+        forward rather than split at whichever arrival woke the engine. Holds `_wakeup`."""
+        if self._running or self._jobs or not self._waiting:
+            return
+        deadline = time.monotonic() + 4 * self.batch_wait
+        while not self._stopping and len(self._waiting) < self.max_batch_size:
+            wait = min(self._last_arrival + self.batch_wait, deadline) - time.monotonic()
+            if wait <= 0:
+                return
+            self._wakeup.wait(wait)
 
     def _step(self) -> None:
         """Drop cancelled rows, prefill the admitted prompts together, then one decode forward for all."""
@@ -471,6 +550,7 @@ class Engine:
         if admitted:
             self._prefill(admitted)
             self._compact()
+            self._flush()  # first tokens now, not after the decode forward
         if self._running:
             self._decode()
             self._compact()
@@ -528,11 +608,12 @@ class Engine:
             return
         self.stats.prefills += len(seqs)
         self.stats.prefill_batch_sizes[len(seqs)] += 1
+        greedy = logits.argmax(-1).tolist()  # (G,)
         for row, seq in enumerate(seqs):
             seq.slot = len(self._running)
             self._running.append(seq)
             try:
-                self._advance(seq, logits[row])
+                self._advance(seq, logits[row], greedy[row])
             except Exception as err:
                 self._fail(seq, err)
 
@@ -577,9 +658,10 @@ class Engine:
                     self._fail(seq, err)
         elif logits is not None:
             self.stats.decode_batch_sizes[len(rows)] += 1
+            greedy = logits.argmax(-1).tolist()  # (B,): one argmax for the batch, not one per row
             for seq in rows:
                 try:
-                    self._advance(seq, logits[seq.slot])
+                    self._advance(seq, logits[seq.slot], greedy[seq.slot])
                 except Exception as err:
                     self._fail(seq, err)
         self._column += 1
@@ -620,9 +702,13 @@ class Engine:
 
     # --- per-sequence bookkeeping ------------------------------------------------------------------
 
-    def _advance(self, seq: _Sequence, logits: torch.Tensor) -> None:
-        """Sample the next token from (vocab,) logits, emit the new text, finish if it ends here."""
-        token = sample_token(logits, seq.params, seq.generator)
+    def _advance(self, seq: _Sequence, logits: torch.Tensor, greedy: int | None = None) -> None:
+        """Sample the next token from (vocab,) logits, emit the new text, finish if it ends here.
+        `greedy` is argmax(logits) when the caller has it (taken for temperature 0)."""
+        if greedy is not None and seq.params.greedy:
+            token = greedy
+        else:
+            token = sample_token(logits, seq.params, seq.generator)
         seq.generated.append(token)
         text = seq.text.push(token)
         if token in self.eos_token_ids or seq.text.stopped:
@@ -638,10 +724,35 @@ class Engine:
             self._finish(seq)
 
     def _emit(self, seq: _Sequence, out: Output) -> None:
+        if isinstance(seq.emit, _AsyncSink):
+            self._outbox.append((seq, out))  # sent at the end of the step, see _flush
+            return
         try:
             seq.emit(out)
         except Exception:  # the consumer is gone (e.g. its event loop closed): stop the work
             seq.cancelled = True
+
+    def _flush(self) -> None:
+        """Hand the step's Outputs to their event loops (one call per loop, in emission order),
+        then call the `on_done` of the requests that finished."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[_Sequence]] = {}
+        items: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Output]]] = {}
+        for seq, out in self._outbox:
+            by_loop.setdefault(seq.emit.loop, []).append(seq)
+            items.setdefault(seq.emit.loop, []).append((seq.emit.queue, out))
+        self._outbox = []
+        for loop, batch in items.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, batch)
+            except Exception:  # the loop is closed: nobody reads these requests any more
+                for seq in by_loop[loop]:
+                    seq.cancelled = True
+        leaving, self._leaving = self._leaving, []
+        for on_done in leaving:
+            try:
+                on_done()
+            except Exception:
+                pass  # a bookkeeping callback must not take the engine down
 
     def _fail(self, seq: _Sequence, error: BaseException) -> None:
         if seq.done:
@@ -654,10 +765,7 @@ class Engine:
             return
         seq.done = True
         if seq.on_done is not None:
-            try:
-                seq.on_done()
-            except Exception:
-                pass  # a bookkeeping callback must not take the engine down
+            self._leaving.append(seq.on_done)  # called by _flush, once the last Output is handed over
 
 
 # --- which models -----------------------------------------------------------------------------------

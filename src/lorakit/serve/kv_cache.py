@@ -82,6 +82,11 @@ class SlotCache(Cache):
         self.attend_from = 0
         super().__init__(layers=[SlotLayer(self, window) for window in windows])
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes the buffers hold now (0 before the first forward allocates them)."""
+        return sum(layer.keys.nbytes + layer.values.nbytes for layer in self.layers if layer.is_initialized)
+
     def plan(self, rows: slice | torch.Tensor, write_at: int, attend_from: int) -> None:
         """Set where the next forward writes and reads.
 

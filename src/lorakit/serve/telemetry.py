@@ -1,6 +1,6 @@
 """What `lorakit serve` reports about its requests: Prometheus metrics and one JSON log line each.
 
-    metrics = Metrics(queue_depth=..., running=..., adapters_loaded=...)   # its own CollectorRegistry
+    metrics = Metrics(queue_depth=..., running=..., adapters_loaded=..., kv_cache_bytes=...)   # own registry
     app.add_middleware(RequestRecorder, metrics=metrics, routes=frozenset({"/v1/completions", ...}))
     record = request_record(request.scope)      # in a route: fill in adapter, tokens, ...
 
@@ -111,10 +111,11 @@ class Metrics:
         queue_depth: Requests admitted but not running (waiting for a row or their adapter).
         running: Requests in the running batch.
         adapters_loaded: Adapters in memory.
+        kv_cache_bytes: Bytes the KV cache holds.
     """
 
     def __init__(self, *, queue_depth: Callable[[], float], running: Callable[[], float],
-                 adapters_loaded: Callable[[], float]) -> None:
+                 adapters_loaded: Callable[[], float], kv_cache_bytes: Callable[[], float]) -> None:
         self.registry = CollectorRegistry()
         on = {"registry": self.registry}
         self.requests = Counter("lorakit_requests", "HTTP requests answered, by route, status and adapter",
@@ -132,6 +133,7 @@ class Metrics:
         Gauge("lorakit_queue_depth", "Requests admitted but not running yet", **on).set_function(queue_depth)
         Gauge("lorakit_running_requests", "Requests in the running batch", **on).set_function(running)
         Gauge("lorakit_adapters_loaded", "Adapters in memory", **on).set_function(adapters_loaded)
+        Gauge("lorakit_kv_cache_bytes", "Bytes the KV cache holds", **on).set_function(kv_cache_bytes)
 
     def observe(self, record: RequestRecord, latency: float) -> None:
         """Count one finished request."""
