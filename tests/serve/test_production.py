@@ -377,6 +377,36 @@ def test_metrics_count_requests_tokens_and_latencies(files):
         assert other_app.state.metrics.registry is not app.state.metrics.registry
 
 
+def test_requests_arriving_together_share_one_prefill_as_metrics_show(files):
+    app = make_app(files, batch_wait=0.5)  # generous: arrivals on a busy machine may be spread out
+    with running(app) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        jobs = [("b", PROMPTS[0]), ("c", PROMPTS[1]), ("tiny", PROMPTS[2]), ("b", PROMPTS[1])]
+        client.completions.create(model="c", prompt="cat", max_tokens=1)  # load b and c first: no wait on disk
+        client.completions.create(model="b", prompt="cat", max_tokens=1)
+        before = metric_samples(url)
+        barrier = threading.Barrier(len(jobs))
+
+        def ask(model, prompt):
+            barrier.wait()
+            return client.completions.create(model=model, prompt=prompt, max_tokens=5, temperature=0)
+
+        threads = [in_thread(lambda job=job: ask(*job)) for job in jobs]
+        for (thread, results), (model, prompt) in zip(threads, jobs):
+            thread.join(60)
+            assert results[0].choices[0].text == expected(files, model, ids_of(prompt), 5)[0]
+        after = metric_samples(url)
+
+    def change(name):
+        return after[(name, ())] - before[(name, ())]
+
+    assert change("lorakit_prefill_batch_size_count") == 1 and change("lorakit_prefill_batch_size_sum") == 4
+    bucket = {le: after[("lorakit_prefill_batch_size_bucket", (("le", le),))] -
+              before[("lorakit_prefill_batch_size_bucket", (("le", le),))] for le in ("2", "4")}
+    assert bucket == {"2": 0, "4": 1}  # one forward of 4 (not 1 + 3, nor 2 + 2)
+    assert change("lorakit_decode_batch_size_count") >= 4  # 5 tokens: a prefill, then decodes of all 4
+
+
 def log_lines(caplog, event="request"):
     """The JSON lines on "lorakit.serve" at INFO of one `event` ("request": one line per request; "ready")."""
     lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "lorakit.serve" and r.levelname == "INFO"]

@@ -181,7 +181,9 @@ def create_app(model: nn.Module, tokenizer: Any, *, model_name: str | None = Non
     admission = Admission(max_batch_size + max_queue)
     metrics = Metrics(queue_depth=lambda: max(0, admission.admitted - engine.num_running),
                       running=lambda: engine.num_running, adapters_loaded=lambda: len(registry.loaded()),
-                      kv_cache_bytes=lambda: engine.kv_cache_bytes)
+                      kv_cache_bytes=lambda: engine.kv_cache_bytes,
+                      batch_sizes=lambda: {"prefill": engine.stats.prefill_batch_sizes,
+                                           "decode": engine.stats.decode_batch_sizes})
     vocab_size = base.config.vocab_size
     started = now()
 

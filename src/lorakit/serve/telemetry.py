@@ -1,6 +1,6 @@
 """What `lorakit serve` reports about its requests: Prometheus metrics and one JSON log line each.
 
-    metrics = Metrics(queue_depth=..., running=..., adapters_loaded=..., kv_cache_bytes=...)   # own registry
+    metrics = Metrics(queue_depth=..., running=..., ...)   # its own CollectorRegistry
     app.add_middleware(RequestRecorder, metrics=metrics, routes=frozenset({"/v1/completions", ...}))
     record = request_record(request.scope)      # in a route: fill in adapter, tokens, ...
 
@@ -19,10 +19,11 @@ import dataclasses
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import HistogramMetricFamily
 
 from .engine import Output
 from .protocol import new_id
@@ -35,6 +36,7 @@ OTHER_ROUTE = "other"  # the route label of paths the app does not serve (bounde
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
 @dataclasses.dataclass
@@ -112,10 +114,13 @@ class Metrics:
         running: Requests in the running batch.
         adapters_loaded: Adapters in memory.
         kv_cache_bytes: Bytes the KV cache holds.
+        batch_sizes: {"prefill" or "decode": {rows: forwards}}: how many forwards ran with
+            each number of rows (the engine's counts, read at each scrape).
     """
 
     def __init__(self, *, queue_depth: Callable[[], float], running: Callable[[], float],
-                 adapters_loaded: Callable[[], float], kv_cache_bytes: Callable[[], float]) -> None:
+                 adapters_loaded: Callable[[], float], kv_cache_bytes: Callable[[], float],
+                 batch_sizes: Callable[[], Mapping[str, Mapping[int, int]]]) -> None:
         self.registry = CollectorRegistry()
         on = {"registry": self.registry}
         self.requests = Counter("lorakit_requests", "HTTP requests answered, by route, status and adapter",
@@ -134,6 +139,7 @@ class Metrics:
         Gauge("lorakit_running_requests", "Requests in the running batch", **on).set_function(running)
         Gauge("lorakit_adapters_loaded", "Adapters in memory", **on).set_function(adapters_loaded)
         Gauge("lorakit_kv_cache_bytes", "Bytes the KV cache holds", **on).set_function(kv_cache_bytes)
+        self.registry.register(_BatchSizes(batch_sizes))
 
     def observe(self, record: RequestRecord, latency: float) -> None:
         """Count one finished request."""
@@ -152,6 +158,26 @@ class Metrics:
     def exposition(self) -> tuple[bytes, str]:
         """(body, content type) of GET /metrics."""
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class _BatchSizes:
+    """Collector of `lorakit_prefill_batch_size` (prompts per prefill forward) and
+    `lorakit_decode_batch_size` (rows per decode forward), histograms built from the engine's counts."""
+
+    HELP = {"prefill": "Prompts prefilled together, per prefill forward",
+            "decode": "Requests decoded together, per decode forward"}
+
+    def __init__(self, counts: Callable[[], Mapping[str, Mapping[int, int]]]) -> None:
+        self.counts = counts
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        counts = self.counts()
+        for kind, help_text in self.HELP.items():
+            sizes = dict(counts.get(kind, {}))  # a copy: the engine thread goes on counting
+            buckets = [(str(le), sum(n for size, n in sizes.items() if size <= le)) for le in BATCH_BUCKETS]
+            buckets.append(("+Inf", sum(sizes.values())))
+            yield HistogramMetricFamily(f"lorakit_{kind}_batch_size", help_text, buckets=buckets,
+                                        sum_value=sum(size * n for size, n in sizes.items()))
 
 
 class RequestRecorder:
