@@ -47,6 +47,21 @@ def in_thread(fn):
     return thread, results
 
 
+def ask_together(client, jobs, max_tokens, timeout=60):
+    """Greedy completions for [(model, prompt)], sent at once from one thread each; their answers in order."""
+    barrier = threading.Barrier(len(jobs))
+
+    def ask(model, prompt):
+        barrier.wait()
+        return client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0)
+
+    threads = [in_thread(lambda job=job: ask(*job)) for job in jobs]
+    for thread, _ in threads:
+        thread.join(timeout)
+    assert all(results for _, results in threads), "a request did not answer"
+    return [results[0] for _, results in threads]
+
+
 def metric_samples(url, headers=None):
     """{(name, sorted labels): value} from GET /metrics."""
     response = httpx.get(url + "/metrics", headers=headers, timeout=30)
@@ -385,16 +400,8 @@ def test_requests_arriving_together_share_one_prefill_as_metrics_show(files):
         client.completions.create(model="c", prompt="cat", max_tokens=1)  # load b and c first: no wait on disk
         client.completions.create(model="b", prompt="cat", max_tokens=1)
         before = metric_samples(url)
-        barrier = threading.Barrier(len(jobs))
-
-        def ask(model, prompt):
-            barrier.wait()
-            return client.completions.create(model=model, prompt=prompt, max_tokens=5, temperature=0)
-
-        threads = [in_thread(lambda job=job: ask(*job)) for job in jobs]
-        for (thread, results), (model, prompt) in zip(threads, jobs):
-            thread.join(60)
-            assert results[0].choices[0].text == expected(files, model, ids_of(prompt), 5)[0]
+        for answer, (model, prompt) in zip(ask_together(client, jobs, max_tokens=5), jobs):
+            assert answer.choices[0].text == expected(files, model, ids_of(prompt), 5)[0]
         after = metric_samples(url)
 
     def change(name):
@@ -498,14 +505,6 @@ def test_more_adapters_in_demand_than_slots_wait_for_one(files):
     with running(app) as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
         jobs = [(model, prompt) for model in ["a", "b", "c", "d"] for prompt in PROMPTS[:2]]
-        barrier = threading.Barrier(len(jobs))
-
-        def ask(model, prompt):
-            barrier.wait()
-            return client.completions.create(model=model, prompt=prompt, max_tokens=6, temperature=0)
-
-        threads = [in_thread(lambda job=job: ask(*job)) for job in jobs]
-        for (thread, results), (model, prompt) in zip(threads, jobs):
-            thread.join(120)
-            assert results and results[0].choices[0].text == expected(files, model, ids_of(prompt), 6)[0], model
+        for answer, (model, prompt) in zip(ask_together(client, jobs, max_tokens=6, timeout=120), jobs):
+            assert answer.choices[0].text == expected(files, model, ids_of(prompt), 6)[0], model
         assert len(app.state.registry.loaded()) == 1 and app.state.registry.waiting() == 0
