@@ -13,7 +13,9 @@ greedy) in this process with the same number of torch threads; 16 requests at on
 one after another; one request; 64 at once. Aggregate tokens/s = generated tokens / wall time
 from the first request sent to the last token received (HTTP, SSE and detokenizing included);
 time to first token and latency are per request, pooled over the rounds. The table gives each
-row's median tokens/s over rounds and its range (the machine is shared: the range is the noise).
+row's median tokens/s over rounds and its range (the machine is shared: the range is the noise),
+and how many prefill forwards the server ran per round (from its /metrics: 1 for a burst means
+the burst's prompts were prefilled together).
 
 Goals it prints, each as the median over rounds of that round's ratio (paired: a slow round for
 the machine slows both sides): 16 concurrent >= 4x the tokens/s of the same 16 one after
@@ -69,6 +71,7 @@ class Level:
     requests: int
     tokens_per_s: list[float] = dataclasses.field(default_factory=list)
     timings: list[Timing] = dataclasses.field(default_factory=list)
+    prefills: list[int] = dataclasses.field(default_factory=list)  # the server's prefill forwards, per round
 
 
 # --- the files the server reads -----------------------------------------------------------------------
@@ -169,6 +172,16 @@ async def one_request(client, model: str, prompt: list[int], max_tokens: int) ->
     return Timing(ttft=(first or end) - start, latency=end - start, tokens=tokens)
 
 
+def prefill_forwards(url: str) -> int:
+    """The server's prefill forwards so far (`lorakit_prefill_batch_size_count` on /metrics)."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(url + "/metrics", timeout=30).text
+    return next(int(sample.value) for family in text_string_to_metric_families(text) for sample in family.samples
+                if sample.name == "lorakit_prefill_batch_size_count")
+
+
 async def fire(client, prompts: list[list[int]], max_tokens: int, concurrent: bool) -> tuple[float, list[Timing]]:
     """All `prompts` (adapters in turn), at once or one after another; (aggregate tokens/s, timings)."""
     models = [ADAPTERS[i % len(ADAPTERS)] for i in range(len(prompts))]
@@ -227,9 +240,11 @@ def run(spec: ModelSpec, threads: int, repeats: int, max_tokens: int, log=print)
                                                      ("16 one after another", prompts[:16], False),
                                                      ("1 request", prompts[:1], False),
                                                      ("64 concurrent", prompts[:64], True)]:
+                        before = prefill_forwards(url)
                         tps, timings = await fire(client, subset, max_tokens, concurrent)
                         levels[name].tokens_per_s.append(tps)
                         levels[name].timings += timings
+                        levels[name].prefills.append(prefill_forwards(url) - before)
                 await client.close()
 
             try:
@@ -258,18 +273,24 @@ def ms(seconds: float) -> str:
     return f"{seconds * 1000:.0f} ms"
 
 
+def span(values: list[int]) -> str:
+    """"3" when all are 3, else "min-max"."""
+    return str(min(values)) if min(values) == max(values) else f"{min(values)}-{max(values)}"
+
+
 def table(levels: dict[str, Level]) -> str:
-    lines = ["| load | requests | tokens/s (median, range over rounds) | time to first token p50 | latency p50 | latency p99 |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| load | requests | tokens/s (median, range over rounds) | time to first token p50 | latency p50 "
+             "| latency p99 | prefill forwards per round |",
+             "|---|---|---|---|---|---|---|"]
     for level in levels.values():
         tps = level.tokens_per_s
         cells = [level.name, str(level.requests), f"{statistics.median(tps):.0f} ({min(tps):.0f}-{max(tps):.0f})"]
         if level.timings:
             latencies = [t.latency for t in level.timings]
             cells += [ms(percentile([t.ttft for t in level.timings], 50)), ms(percentile(latencies, 50)),
-                      ms(percentile(latencies, 99))]
+                      ms(percentile(latencies, 99)), span(level.prefills)]
         else:
-            cells += ["", "", ""]
+            cells += ["", "", "", ""]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -301,7 +322,7 @@ def section(levels: dict[str, Level], spec: ModelSpec, repeats: int, max_tokens:
         f"- Model: {spec.describe().split(';')[0]} (random, no end-of-sequence token); {len(ADAPTERS)} adapters "
         f"r={RANK} on q_proj/v_proj, requests take them in turn; prompts of {spec.seq} tokens, {max_tokens} new "
         f"tokens each, greedy, streamed through AsyncOpenAI to `lorakit serve --max-batch-size {MAX_BATCH}` in a "
-        f"subprocess; {repeats} rounds. The machine is shared: the ranges over rounds are the noise.",
+        f"subprocess (its other settings at their defaults); {repeats} rounds. The machine is shared: the ranges over rounds are the noise.",
         "",
         table(levels),
         "",

@@ -563,6 +563,46 @@ def test_text_stream_holds_back_incomplete_characters():
     assert stream.flush() == ""
 
 
+def trained_tokenizer(kind):
+    """A small real tokenizer, trained here: byte-level BPE (GPT-2 style, a character may span
+    tokens) or Metaspace BPE (SentencePiece style, "▁" marks a word's leading space)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    corpus = ["the happy moon sings to the café", "naïve señor déjà vu", "emoji 🙂 and 日本語 text", "a b c"] * 20
+    core = Tokenizer(models.BPE(unk_token="<unk>" if kind == "metaspace" else None))
+    if kind == "bytes":
+        core.pre_tokenizer, core.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
+    else:
+        core.pre_tokenizer, core.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+        alphabet = []
+    core.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, initial_alphabet=alphabet,
+                                                         special_tokens=["<unk>", "</s>"]))
+    return PreTrainedTokenizerFast(tokenizer_object=core, eos_token="</s>")
+
+
+@pytest.mark.parametrize("kind", ["bytes", "metaspace"])
+def test_text_stream_equals_a_whole_decode_at_a_bounded_cost(kind):
+    tokenizer = trained_tokenizer(kind)
+    lengths = []
+
+    class Counting:  # the tokenizer, noting how many ids each decode gets
+        def decode(self, ids, **kwargs):
+            lengths.append(len(ids))
+            return tokenizer.decode(ids, **kwargs)
+
+    text = "the happy moon sings: déjà vu 🙂 日本語, naïve señor! " * 30
+    g = torch.Generator().manual_seed(0)
+    random_ids = torch.randint(0, len(tokenizer), (300,), generator=g).tolist()  # any order, halves of characters
+    for ids in (tokenizer(text)["input_ids"], random_ids):
+        stream = TextStream(Counting())
+        lengths.clear()
+        streamed = "".join(stream.push(i) for i in ids) + stream.flush()
+        assert streamed == tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        assert len(ids) >= 300 and max(lengths) <= 16  # a few tokens per decode, not the whole answer
+
+
 def test_sample_token():
     logits = torch.tensor([0.1, 3.0, 2.9, -1.0])
     generator = torch.Generator().manual_seed(0)

@@ -169,9 +169,15 @@ def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.
 class TextStream:
     """Incremental detokenization of one sequence, with stop strings.
 
+    Each token costs two decodes of a few tokens, whatever the length so far: the new text is
+    decode(ids[prefix:]) minus decode(ids[prefix:read]), where ids[prefix:read] are the last
+    tokens already turned into text (kept as context, so a tokenizer that drops a word's
+    leading space at the start of a decode still gives it here). A decode that ends in an
+    incomplete character ("\\ufffd") waits for the next token. Decoding everything each token
+    would cost O(n) per token, O(n^2) per answer.
+
     Text is released only once it cannot change any more: a tail that may still grow into a
-    stop string (a prefix of one) or that ends in an incomplete character ("\\ufffd") is held
-    back until the next token settles it.
+    stop string (a prefix of one) is held back until the next token settles it.
 
     Args:
         tokenizer: Anything with `decode(ids, skip_special_tokens=...)`.
@@ -182,14 +188,16 @@ class TextStream:
         self.tokenizer = tokenizer
         self.stop = stop
         self.ids: list[int] = []
-        self.text = ""
+        self.text = ""  # the text of ids[:read]
         self.shown = 0  # characters of `text` already released
         self.stopped = False
+        self._prefix = 0  # ids[prefix:read]: the context the next decode starts from
+        self._read = 0  # ids[:read] are in `text`
 
     def push(self, token_id: int) -> str:
         """Add a token; returns the newly released text. Sets `stopped` when a stop string appears."""
         self.ids.append(token_id)
-        self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        self.text += self._new_text(final=False)
         # A stop string cannot start before `shown`: any prefix of one at the end was held back.
         found = [i for i in (self.text.find(s, self.shown) for s in self.stop) if i >= 0]
         if found:
@@ -199,12 +207,30 @@ class TextStream:
 
     def flush(self) -> str:
         """The rest of the text (up to the stop string, if one was found)."""
-        return "" if self.stopped else self._release(len(self.text))
+        if self.stopped:
+            return ""
+        self.text += self._new_text(final=True)
+        return self._release(len(self.text))
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def _new_text(self, final: bool) -> str:
+        """The text the tokens after `read` add; "" while it ends in an incomplete character
+        (unless `final`: the answer then ends as a whole decode would)."""
+        before = self._decode(self.ids[self._prefix:self._read])
+        after = self._decode(self.ids[self._prefix:])
+        if not after.startswith(before):  # a tokenizer whose context reaches further back
+            before, after = self.text, self._decode(self.ids)
+            if not after.startswith(before):
+                return ""
+        if len(after) == len(before) or (after.endswith("\ufffd") and not final):
+            return ""
+        self._prefix, self._read = self._read, len(self.ids)
+        return after[len(before):]
 
     def _held_back(self) -> int:
-        hold = max((k for s in self.stop for k in range(1, len(s)) if self.text.endswith(s[:k])), default=0)
-        tail = len(self.text) - len(self.text.rstrip("\ufffd"))
-        return max(hold, tail)
+        return max((k for s in self.stop for k in range(1, len(s)) if self.text.endswith(s[:k])), default=0)
 
     def _release(self, end: int) -> str:
         if end <= self.shown:
