@@ -461,6 +461,8 @@ def test_sliding_window_rows_joining_later_equal_generate():
     model = with_adapters(mistral(window=6))
     engine = Engine(model, WordTokenizer(), max_batch_size=3, kv_chunk=8)
     engine.eos_token_ids = set()
+    engine.start()
+    size_at_8_columns = engine.warm_up().result(30)
     prompts = long_prompts()
     jobs = [("a", prompts[1], 30), ("b", prompts[0], 12), (BASE_ADAPTER, prompts[3], 8), ("a", prompts[2], 12),
             ("b", prompts[1], 5)]
@@ -486,7 +488,8 @@ def test_sliding_window_rows_joining_later_equal_generate():
         assert results[i].last.error is None
         assert results[i].tokens == reference(model, name, prompt, n), i
     assert max(engine.stats.decode_batch_sizes) == 3
-    assert engine._cache.capacity > 8  # it grew
+    assert engine.stats.kv_columns_peak > 8  # it grew,
+    assert engine.kv_cache_bytes == size_at_8_columns  # and gave it back once idle
 
 
 def test_gpt2_equals_generate():

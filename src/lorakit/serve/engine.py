@@ -134,10 +134,12 @@ class EngineStats:
         prefill_batch_sizes: `[g]` counts the prefill forwards that ran g prompts together.
         decode_batch_sizes: `[b]` counts the decode forwards that ran with b rows.
         cancelled: Requests dropped because their client cancelled (waiting or running).
+        kv_columns_peak: Most columns the KV cache has had (it shrinks back when idle).
     """
 
     prefills: int = 0
     cancelled: int = 0
+    kv_columns_peak: int = 0
     prefill_batch_sizes: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     decode_batch_sizes: collections.Counter = dataclasses.field(default_factory=collections.Counter)
 
@@ -327,7 +329,7 @@ class Engine:
             slot. Default 16.
         eos_token_ids: Tokens that end a sequence. Default: the tokenizer's and the model's
             generation_config's end-of-sequence ids.
-        kv_chunk: Columns the KV cache starts with and grows by. Default 256.
+        kv_chunk: Columns the KV cache starts with, grows by, and shrinks back to when idle. Default 256.
         batch_wait: Seconds an idle engine waits, after a request arrives, for more arriving
             with it: each arrival within it waits again (4 x batch_wait at most), so a burst
             shares one prefill. 0 (the default) starts at once. Running requests are never delayed.
@@ -596,6 +598,7 @@ class Engine:
         self._running = sorted(alive, key=lambda seq: seq.slot)
         if not self._running:
             self._column = 0
+            self._cache.shrink()  # idle: give back what a long request grew
 
     def _make_room(self, before: int) -> None:
         """Columns for the next forward: t >= `before` (a prefill's length) and t < capacity.
@@ -612,6 +615,7 @@ class Engine:
         if shift == 0 and self._column + 1 > self._cache.capacity:
             shift = -min(oldest, self._column - before)
         self._cache.ensure_capacity(self._column + shift + 1)  # before moving right, so the columns exist
+        self.stats.kv_columns_peak = max(self.stats.kv_columns_peak, self._cache.capacity)
         if shift:
             self._cache.move_columns(rows, oldest, self._column, oldest + shift)
             for seq in self._running:

@@ -6,9 +6,10 @@
 
 A transformers `Cache` (so every attention layer of every decoder calls `cache.update` as it
 does with transformers' own caches) whose layers keep keys and values in buffers of shape
-(slots, kv_heads, capacity, head_dim), allocated by the first forward and grown by `chunk`
-columns when needed. Slot i is row i of every buffer: a request keeps its slot from its
-prefill to its last token, so nothing is restacked between steps.
+(slots, kv_heads, capacity, head_dim), allocated by the first forward, grown by `chunk`
+columns when needed and shrunk back to `chunk` when nothing runs. Slot i is row i of every
+buffer: a request keeps its slot from its prefill to its last token, so nothing is restacked
+between steps.
 
 Columns are shared by all slots, like the positions of a left-padded batch: a forward writes
 its q new tokens at columns [write_at, write_at + q) of its rows and attends over columns
@@ -112,6 +113,14 @@ class SlotCache(Cache):
             layer.grow(capacity)
         self.capacity = capacity  # only once every layer has it (a grow that runs out of memory changes nothing here)
 
+    def shrink(self) -> None:
+        """Back to `chunk` columns, contents dropped (nothing may be running): what a long request
+        grew is given back once it is done."""
+        if self.capacity > self.chunk:
+            self.capacity = self.chunk  # first: a layer whose new buffers fail is allocated at it later
+            for layer in self.layers:
+                layer.reset(self.chunk)
+
     def move_columns(self, rows: slice, start: int, stop: int, to: int) -> None:
         """Copy columns [start, stop) of `rows` to [to, to + stop - start) (the ranges may overlap)."""
         if stop > start and to != start:
@@ -154,7 +163,7 @@ class SlotLayer(CacheLayerMixin):
         """Zeroed buffers (slots, kv_heads, capacity, head_dim) in the states' dtype and device
         (zeros, not empty: masked columns must hold finite numbers, as 0 * nan is nan)."""
         slots, capacity = self.cache.slots, self.cache.capacity
-        self.device = key_states.device
+        self.device, self.dtype = key_states.device, key_states.dtype
         self.keys = key_states.new_zeros((slots, key_states.shape[1], capacity, key_states.shape[3]))
         self.values = value_states.new_zeros((slots, value_states.shape[1], capacity, value_states.shape[3]))
         self.is_initialized = True
@@ -203,6 +212,17 @@ class SlotLayer(CacheLayerMixin):
             pad = capacity - self.keys.shape[2]  # (zeros, as lazy_initialization's)
             self.keys = torch.nn.functional.pad(self.keys, (0, 0, 0, pad))
             self.values = torch.nn.functional.pad(self.values, (0, 0, 0, pad))
+
+    def reset(self, capacity: int) -> None:
+        """New zeroed buffers of `capacity` columns, the old ones freed first (so the peak is not
+        both). If making them fails, the next forward allocates them (`lazy_initialization`)."""
+        if self.is_initialized:
+            shape = (*self.keys.shape[:2], capacity, self.keys.shape[3])
+            self.keys = self.values = None
+            self.is_initialized = False
+            self.keys = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            self.values = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            self.is_initialized = True
 
     def move_columns(self, rows: slice, start: int, stop: int, to: int) -> None:
         if self.is_initialized:
