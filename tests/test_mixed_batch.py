@@ -289,6 +289,19 @@ def test_autocast_takes_the_grouped_path(stack_calls):
     assert_rows_alone(model, ids, names, out.float(), tol=5e-2)
 
 
+def test_adapters_made_under_inference_mode_take_the_grouped_path(stack_calls):
+    """Inference tensors have no version counter, so a stack could not see them change: such
+    factors run the grouped path (before, building the stack raised)."""
+    with torch.inference_mode():
+        model = three_adapters()
+        ids = torch.randint(0, 100, (3, 6), generator=torch.Generator().manual_seed(11))
+        names = ["a", "b", BASE_ADAPTER]
+        out = model(ids, adapter_names=names).logits
+    assert "Linear" not in stack_calls["apply"]
+    with torch.inference_mode():
+        assert_rows_alone(model, ids, names, out)
+
+
 @pytest.mark.parametrize("name", ["bias", "b", "rs"])
 def test_rows_sharing_one_adapter_take_the_ungathered_product(name, monkeypatch):
     """All rows on one adapter (rank below r_max; lora_bias; on some layers only): the shared-slot

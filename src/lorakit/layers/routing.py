@@ -96,9 +96,11 @@ class AdapterRouting:
         """`layer`'s stack for this forward, or None where the grouped path must run."""
         if autograd.get_lora_path() == "plain" or torch.is_autocast_enabled(x.device.type):
             return None
-        if torch.is_grad_enabled() and any(
-                t.requires_grad for n in routed for t in stacked.factor_tensors(layer, n)):
+        factors = [t for n in routed for t in stacked.factor_tensors(layer, n)]
+        if torch.is_grad_enabled() and any(t.requires_grad for t in factors):
             return None
+        if any(map(torch.Tensor.is_inference, factors)):  # made under inference_mode: no version
+            return None  # counter, so a stack could not see them change in place
         stack = stacked.stack_for(layer)
         return stack if all(n in stack.slots for n in routed) else None
 
