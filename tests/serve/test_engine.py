@@ -272,6 +272,38 @@ def test_async_outputs_reach_each_event_loop_once_per_step_in_order():
     assert len(wakeups) == 6 < len(jobs) * 6
 
 
+def test_two_event_loops_get_their_own_outputs_and_one_on_done_each():
+    model = adapters_model()
+    engine = Engine(model, WordTokenizer(), max_batch_size=8)
+    engine.eos_token_ids = set()
+    engine.start()
+    results = {}
+
+    def client(name, prompt):  # its own thread and event loop
+        async def run():
+            seen = []
+            order = []
+            stream = engine.submit_async(prompt, name, SamplingParams(max_tokens=5, **GREEDY),
+                                         on_done=lambda: order.append("done"))
+            async for out in stream:
+                seen.append(out)
+            await asyncio.sleep(0.05)  # on_done may be called on the engine thread just after
+            return seen, order
+        results[name] = asyncio.run(run())
+
+    threads = [threading.Thread(target=client, args=job) for job in [("a", PROMPTS[0]), ("b", PROMPTS[1])]]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    engine.stop()
+    model.generation_config.eos_token_id = None
+    for name, prompt in [("a", PROMPTS[0]), ("b", PROMPTS[1])]:
+        seen, order = results[name]
+        assert [t for out in seen for t in out.token_ids] == reference(model, name, prompt, 5)
+        assert order == ["done"]
+
+
 def test_a_request_whose_event_loop_closed_is_cancelled():
     engine = Engine(adapters_model(), WordTokenizer())
     engine.eos_token_ids = set()
@@ -459,7 +491,7 @@ def test_sliding_window_rows_joining_later_equal_generate():
     """Requests join a running batch at different columns (moving the columns right for a longer
     prompt, left and growing when the cache is full); every answer equals its single run."""
     model = with_adapters(mistral(window=6))
-    engine = Engine(model, WordTokenizer(), max_batch_size=3, kv_chunk=8)
+    engine = Engine(model, WordTokenizer(), max_batch_size=3, kv_chunk=8, kv_shrink_after=0.05)
     engine.eos_token_ids = set()
     engine.start()
     size_at_8_columns = engine.warm_up().result(30)
@@ -479,17 +511,19 @@ def test_sliding_window_rows_joining_later_equal_generate():
     first = Trigger()
     engine.submit(jobs[0][1], jobs[0][0], SamplingParams(max_tokens=jobs[0][2], **GREEDY), first.emit, first.on_done)
     results[0] = first
-    engine.start()
     first.wait()
     for i in range(1, len(jobs)):
         results[i].wait()
+    deadline = time.monotonic() + 30
+    while engine.kv_cache_bytes != size_at_8_columns and time.monotonic() < deadline:
+        time.sleep(0.01)
     engine.stop()
     for i, (name, prompt, n) in enumerate(jobs):
         assert results[i].last.error is None
         assert results[i].tokens == reference(model, name, prompt, n), i
     assert max(engine.stats.decode_batch_sizes) == 3
     assert engine.stats.kv_columns_peak > 8  # it grew,
-    assert engine.kv_cache_bytes == size_at_8_columns  # and gave it back once idle
+    assert engine.kv_cache_bytes == size_at_8_columns  # and gave it back after kv_shrink_after idle
 
 
 def test_gpt2_equals_generate():
@@ -604,6 +638,32 @@ def test_text_stream_equals_a_whole_decode_at_a_bounded_cost(kind):
         streamed = "".join(stream.push(i) for i in ids) + stream.flush()
         assert streamed == tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
         assert len(ids) >= 300 and max(lengths) <= 16  # a few tokens per decode, not the whole answer
+
+
+def test_text_stream_special_tokens_mid_stream_and_a_stop_string_by_a_split_character():
+    tokenizer = trained_tokenizer("bytes")
+    eos = tokenizer.convert_tokens_to_ids("</s>")
+    ids = tokenizer("déjà vu 🙂 ok")["input_ids"]
+    ids = ids[:3] + [eos] + ids[3:5] + [eos, eos] + ids[5:]  # special tokens between (and inside) characters
+    stream = TextStream(tokenizer)
+    streamed = "".join(stream.push(i) for i in ids) + stream.flush()
+    assert streamed == tokenizer.decode(ids, skip_special_tokens=True) == "déjà vu 🙂 ok"
+    emoji = [i for i in tokenizer("🙂")["input_ids"]]
+    stream = TextStream(tokenizer, stop=("🙂 ok",))
+    pieces = [stream.push(i) for i in tokenizer("vu 🙂 ok then")["input_ids"]]
+    assert "".join(pieces) + stream.flush() == "vu " and stream.stopped and len(emoji) > 1
+
+
+def test_text_stream_goes_on_when_the_tokenizer_rewrites_earlier_text():
+    class Rewriting:  # "b" after "a" turns the "a" into "A" (a decode that changes released text)
+        def decode(self, ids, **_):
+            text = "".join("ab"[i] for i in ids)
+            return text.replace("ab", "Ab")
+
+    stream = TextStream(Rewriting())
+    assert stream.push(0) == "a"
+    assert stream.push(1) == "b"  # "a" was released already; the stream goes on from where they agree
+    assert stream.push(0) + stream.push(0) + stream.flush() == "aa"
 
 
 def test_sample_token():

@@ -88,6 +88,8 @@ class AdapterRouting:
             routed = [n for n in self._distinct if n in layer.adapters]
             stackable = stacked.supports(layer) and all(
                 layer.adapters[n].variant == PLAIN and not (layer.training and layer.adapters[n].dropout > 0)
+                # made under inference_mode: no version counter, so a stack could not see them change
+                and not any(map(torch.Tensor.is_inference, stacked.factor_tensors(layer, n)))
                 for n in routed)
             plan = self._plans[id(layer)] = (layer, routed, stackable)
         return plan[1], plan[2]
@@ -96,11 +98,9 @@ class AdapterRouting:
         """`layer`'s stack for this forward, or None where the grouped path must run."""
         if autograd.get_lora_path() == "plain" or torch.is_autocast_enabled(x.device.type):
             return None
-        factors = [t for n in routed for t in stacked.factor_tensors(layer, n)]
-        if torch.is_grad_enabled() and any(t.requires_grad for t in factors):
+        if torch.is_grad_enabled() and any(
+                t.requires_grad for n in routed for t in stacked.factor_tensors(layer, n)):
             return None
-        if any(map(torch.Tensor.is_inference, factors)):  # made under inference_mode: no version
-            return None  # counter, so a stack could not see them change in place
         stack = stacked.stack_for(layer)
         return stack if all(n in stack.slots for n in routed) else None
 

@@ -57,6 +57,7 @@ import collections
 import concurrent.futures
 import dataclasses
 import inspect
+import os
 import secrets
 import threading
 import time
@@ -171,12 +172,15 @@ def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.
 class TextStream:
     """Incremental detokenization of one sequence, with stop strings.
 
-    Each token costs two decodes of a few tokens, whatever the length so far: the new text is
-    decode(ids[prefix:]) minus decode(ids[prefix:read]), where ids[prefix:read] are the last
-    tokens already turned into text (kept as context, so a tokenizer that drops a word's
-    leading space at the start of a decode still gives it here). A decode that ends in an
-    incomplete character ("\\ufffd") waits for the next token. Decoding everything each token
-    would cost O(n) per token, O(n^2) per answer.
+    A token costs two decodes of a few tokens as a rule, not of the whole answer (which would
+    be O(n) per token, O(n^2) per answer): the new text is decode(ids[prefix:]) minus
+    decode(ids[prefix:read]), where ids[prefix:read] are the last tokens already turned into
+    text (kept as context, so a tokenizer that drops a word's leading space at the start of a
+    decode still gives it here). A decode that ends in an incomplete character ("\\ufffd")
+    waits for the next token (the window grows until it is complete). A tokenizer whose
+    decode of the window does not extend the window's context is compared on whole decodes
+    instead; if it changes text already released, the stream goes on from where the two agree
+    (what was released stays released).
 
     Text is released only once it cannot change any more: a tail that may still grow into a
     stop string (a prefix of one) is held back until the next token settles it.
@@ -222,10 +226,11 @@ class TextStream:
         (unless `final`: the answer then ends as a whole decode would)."""
         before = self._decode(self.ids[self._prefix:self._read])
         after = self._decode(self.ids[self._prefix:])
-        if not after.startswith(before):  # a tokenizer whose context reaches further back
-            before, after = self.text, self._decode(self.ids)
-            if not after.startswith(before):
-                return ""
+        if not after.startswith(before):  # a tokenizer whose context reaches further back:
+            before, after = self.text, self._decode(self.ids)  # compare whole texts instead
+            if not after.startswith(before):  # it rewrote text already there: keep what was
+                cut = max(len(os.path.commonprefix([before, after])), self.shown)  # released and
+                self.text = before = self.text[:cut]  # go on from there with the new decode
         if len(after) == len(before) or (after.endswith("\ufffd") and not final):
             return ""
         self._prefix, self._read = self._read, len(self.ids)
@@ -275,6 +280,7 @@ class _AsyncSink:
     queue: asyncio.Queue
 
     def __call__(self, out: Output) -> None:
+        """One Output on its own (the engine batches them instead; this keeps the sink a valid `emit`)."""
         self.loop.call_soon_threadsafe(self.queue.put_nowait, out)
 
 
@@ -329,26 +335,33 @@ class Engine:
             slot. Default 16.
         eos_token_ids: Tokens that end a sequence. Default: the tokenizer's and the model's
             generation_config's end-of-sequence ids.
-        kv_chunk: Columns the KV cache starts with, grows by, and shrinks back to when idle. Default 256.
+        kv_chunk: Columns the KV cache starts with, grows by, and shrinks back to. Default 256.
         batch_wait: Seconds an idle engine waits, after a request arrives, for more arriving
             with it: each arrival within it waits again (4 x batch_wait at most), so a burst
             shares one prefill. 0 (the default) starts at once. Running requests are never delayed.
+        kv_shrink_after: Seconds with nothing to do after which a KV cache that grew past
+            kv_chunk columns shrinks back to them. Default 5.
 
     Raises:
         ValueError: the model is encoder-decoder, or has layers other than full or
             sliding-window attention (linear attention, state-space, shared KV, ...); or
-            max_batch_size or kv_chunk below 1, or batch_wait outside [0, 1].
+            max_batch_size or kv_chunk below 1, batch_wait outside [0, 1], or
+            kv_shrink_after not above 0.
     """
 
     def __init__(self, model: nn.Module, tokenizer: Any, max_batch_size: int = 16,
-                 eos_token_ids: set[int] | None = None, kv_chunk: int = 256, batch_wait: float = 0.0) -> None:
+                 eos_token_ids: set[int] | None = None, kv_chunk: int = 256, batch_wait: float = 0.0,
+                 kv_shrink_after: float = 5.0) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         if kv_chunk < 1:
             raise ValueError(f"kv_chunk must be >= 1, got {kv_chunk}")
         if not 0 <= batch_wait <= 1:
             raise ValueError(f"batch_wait must be in [0, 1] seconds, got {batch_wait}")
+        if kv_shrink_after <= 0:
+            raise ValueError(f"kv_shrink_after must be > 0 seconds, got {kv_shrink_after}")
         self.batch_wait = batch_wait
+        self.kv_shrink_after = kv_shrink_after
         self._peft: PeftModel | None = model if isinstance(model, PeftModel) else None
         self._base: nn.Module = model.get_base_model() if isinstance(model, PeftModel) else model
         _check_supported(self._base)
@@ -403,8 +416,11 @@ class Engine:
     def warm_up(self) -> concurrent.futures.Future:
         """Run one base-model token through the KV cache between steps, so its buffers are
         allocated (and the kernels' first-call costs paid) now rather than by the first request.
+        With requests running it does nothing.
 
-        The future holds the KV cache's size in bytes. With requests running it does nothing.
+        Returns:
+            A future of the KV cache's size in bytes; it raises what the forward raised, or
+            RuntimeError when the engine is shutting down.
         """
         return self.run_between_steps(self._warm_up)
 
@@ -416,6 +432,7 @@ class Engine:
                               attention_mask=torch.ones(1, 1, dtype=torch.long),
                               position_ids=torch.zeros(1, 1, dtype=torch.long))
                 self._cache.clear_rows(slice(0, 1))
+            self.stats.kv_columns_peak = max(self.stats.kv_columns_peak, self._cache.capacity)
         return self._cache.nbytes
 
     @property
@@ -525,12 +542,16 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self._wakeup:
-                while not (self._stopping or self._waiting or self._running or self._jobs):
-                    self._wakeup.wait()
+                idle_long = False
+                while not (self._stopping or self._waiting or self._running or self._jobs or idle_long):
+                    grown = self._cache.capacity > self._cache.chunk
+                    idle_long = not self._wakeup.wait(self.kv_shrink_after if grown else None) and grown
                 self._gather_arrivals()
                 if self._stopping:
                     return
                 jobs, self._jobs = self._jobs, []
+            if idle_long and not (self._running or jobs):
+                self._cache.shrink()  # idle for kv_shrink_after: give back what long requests grew
             for fn, future in jobs:
                 try:
                     future.set_result(fn())
@@ -542,8 +563,10 @@ class Engine:
             except Exception as err:  # a bug outside the per-request guards: fail the batch, keep serving
                 for seq in self._running:
                     self._fail(seq, err)
-                self._compact()
-            self._flush()
+                self._running = [seq for seq in self._running if not seq.done]  # (all failed) no copies
+                self._column = 0
+            finally:
+                self._flush()
 
     def _gather_arrivals(self) -> None:
         """Idle, with requests waiting: wait until none has arrived for `batch_wait` seconds (at
@@ -552,7 +575,7 @@ class Engine:
         if self._running or self._jobs or not self._waiting:
             return
         deadline = time.monotonic() + 4 * self.batch_wait
-        while not self._stopping and len(self._waiting) < self.max_batch_size:
+        while not (self._stopping or self._jobs) and len(self._waiting) < self.max_batch_size:
             wait = min(self._last_arrival + self.batch_wait, deadline) - time.monotonic()
             if wait <= 0:
                 return
@@ -598,7 +621,6 @@ class Engine:
         self._running = sorted(alive, key=lambda seq: seq.slot)
         if not self._running:
             self._column = 0
-            self._cache.shrink()  # idle: give back what a long request grew
 
     def _make_room(self, before: int) -> None:
         """Columns for the next forward: t >= `before` (a prefill's length) and t < capacity.

@@ -7,7 +7,8 @@
 A transformers `Cache` (so every attention layer of every decoder calls `cache.update` as it
 does with transformers' own caches) whose layers keep keys and values in buffers of shape
 (slots, kv_heads, capacity, head_dim), allocated by the first forward, grown by `chunk`
-columns when needed and shrunk back to `chunk` when nothing runs. Slot i is row i of every
+columns when needed and shrunk back to `chunk` (`shrink`, which the engine calls after a
+while with nothing to do). Slot i is row i of every
 buffer: a request keeps its slot from its prefill to its last token, so nothing is restacked
 between steps.
 
@@ -65,7 +66,7 @@ class SlotCache(Cache):
     Args:
         config: The model's transformers config (its layer types and sliding windows).
         slots: Rows of every buffer: the most requests decoded together.
-        chunk: Columns the buffers start with and grow by. Default 256.
+        chunk: Columns the buffers start with, grow by, and `shrink` back to. Default 256.
 
     Raises:
         ValueError: a layer kind `layer_windows` refuses, or slots/chunk below 1.
@@ -86,7 +87,7 @@ class SlotCache(Cache):
     @property
     def nbytes(self) -> int:
         """Bytes the buffers hold now (0 before the first forward allocates them)."""
-        return sum(layer.keys.nbytes + layer.values.nbytes for layer in self.layers if layer.is_initialized)
+        return sum(layer.nbytes for layer in self.layers)
 
     def plan(self, rows: slice | torch.Tensor, write_at: int, attend_from: int) -> None:
         """Set where the next forward writes and reads.
@@ -115,11 +116,14 @@ class SlotCache(Cache):
 
     def shrink(self) -> None:
         """Back to `chunk` columns, contents dropped (nothing may be running): what a long request
-        grew is given back once it is done."""
+        grew goes back to torch's allocator (on CUDA its cache keeps it for the next growth)."""
         if self.capacity > self.chunk:
             self.capacity = self.chunk  # first: a layer whose new buffers fail is allocated at it later
             for layer in self.layers:
-                layer.reset(self.chunk)
+                try:
+                    layer.reset(self.chunk)
+                except RuntimeError:  # out of memory: that layer allocates at its next forward
+                    pass
 
     def move_columns(self, rows: slice, start: int, stop: int, to: int) -> None:
         """Copy columns [start, stop) of `rows` to [to, to + stop - start) (the ranges may overlap)."""
@@ -212,6 +216,12 @@ class SlotLayer(CacheLayerMixin):
             pad = capacity - self.keys.shape[2]  # (zeros, as lazy_initialization's)
             self.keys = torch.nn.functional.pad(self.keys, (0, 0, 0, pad))
             self.values = torch.nn.functional.pad(self.values, (0, 0, 0, pad))
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the keys and values (read from any thread: `reset` may be running)."""
+        keys, values = getattr(self, "keys", None), getattr(self, "values", None)
+        return (keys.nbytes if keys is not None else 0) + (values.nbytes if values is not None else 0)
 
     def reset(self, capacity: int) -> None:
         """New zeroed buffers of `capacity` columns, the old ones freed first (so the peak is not
