@@ -88,8 +88,6 @@ class AdapterRouting:
             routed = [n for n in self._distinct if n in layer.adapters]
             stackable = stacked.supports(layer) and all(
                 layer.adapters[n].variant == PLAIN and not (layer.training and layer.adapters[n].dropout > 0)
-                # made under inference_mode: no version counter, so a stack could not see them change
-                and not any(map(torch.Tensor.is_inference, stacked.factor_tensors(layer, n)))
                 for n in routed)
             plan = self._plans[id(layer)] = (layer, routed, stackable)
         return plan[1], plan[2]

@@ -99,7 +99,9 @@ class _Watch:
         self.dicts = [d for d, _ in holders]
         self.keys = [k for _, k in holders]
         self.objects = [d[k] for d, k in holders]
-        self.tensors = [o for o in self.objects if isinstance(o, torch.Tensor)]
+        # Inference tensors (made under inference_mode) have no version counter: they are never
+        # stacked (LoraStack leaves them out), so only their identity is watched.
+        self.tensors = [o for o in self.objects if isinstance(o, torch.Tensor) and not o.is_inference()]
         self.versions = list(map(_VERSION, self.tensors))
         self.pointers = list(map(torch.Tensor.data_ptr, self.tensors))
 
@@ -130,7 +132,7 @@ class LoraStack:
 
     Attributes:
         slots: Adapter name -> slot of every adapter stacked (plain LoRA with real factors of
-            one dtype and device); ZERO_SLOT is none of them.
+            one dtype and device, not inference tensors); ZERO_SLOT is none of them.
         a, b, bias: The stacked factors, as in the module docstring (None when nothing is stacked).
         nbytes: Bytes held by a, b and bias.
     """
@@ -140,7 +142,7 @@ class LoraStack:
         self.watch = _Watch(layer)
         self.specs = dict(layer.adapters)
         factors = {n: factor_tensors(layer, n) for n in self.specs if self.specs[n].variant == PLAIN}
-        factors = {n: f for n, f in factors.items() if not any(t.is_meta for t in f)}
+        factors = {n: f for n, f in factors.items() if not any(t.is_meta or t.is_inference() for t in f)}
         if factors:
             first = next(iter(factors.values()))[0]
             factors = {n: f for n, f in factors.items()
