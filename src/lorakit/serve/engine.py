@@ -563,7 +563,7 @@ class Engine:
             except Exception as err:  # a bug outside the per-request guards: fail the batch, keep serving
                 for seq in self._running:
                     self._fail(seq, err)
-                self._running = [seq for seq in self._running if not seq.done]  # (all failed) no copies
+                self._running = [seq for seq in self._running if not seq.done]  # all failed: no rows to move
                 self._column = 0
             finally:
                 self._flush()
