@@ -338,6 +338,8 @@ def test_batch_wait_prefills_a_burst_together():
         Engine(model, WordTokenizer(), batch_wait=-1)
     with pytest.raises(ValueError, match="kv_chunk"):
         Engine(model, WordTokenizer(), kv_chunk=0)
+    with pytest.raises(ValueError, match="kv_shrink_after"):
+        Engine(model, WordTokenizer(), kv_shrink_after=0)
 
 
 def test_warm_up_allocates_the_cache_and_changes_no_answer():

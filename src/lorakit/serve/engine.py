@@ -38,7 +38,8 @@ requests in one call (`submit_async`), not one wakeup per row.
 
 When t would pass the buffers' capacity the columns are moved left (to the oldest running
 request's start) or the buffers grow by a chunk; when a longer prompt joins than t leaves room
-for, the columns move right. Only these rare moves copy cache contents.
+for, the columns move right. Only these rare moves copy cache contents. Buffers that grew
+shrink back to one chunk after `kv_shrink_after` seconds with nothing to do.
 
 Every decoder transformers runs with a KV cache and per-layer attention masks works:
 full-attention layers and sliding-window ones (Mistral, Qwen2 with use_sliding_window, Gemma's
@@ -711,17 +712,15 @@ class Engine:
     def _flush(self) -> None:
         """Hand the step's Outputs to their event loops (one call per loop, in emission order),
         then call the `on_done` of the requests that finished."""
-        by_loop: dict[asyncio.AbstractEventLoop, list[_Sequence]] = {}
-        items: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Output]]] = {}
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Sequence, Output]]] = {}
         for seq, out in self._outbox:
-            by_loop.setdefault(seq.emit.loop, []).append(seq)
-            items.setdefault(seq.emit.loop, []).append((seq.emit.queue, out))
+            by_loop.setdefault(seq.emit.loop, []).append((seq, out))
         self._outbox = []
-        for loop, batch in items.items():
+        for loop, batch in by_loop.items():
             try:
-                loop.call_soon_threadsafe(_deliver, batch)
-            except Exception:  # the loop is closed: nobody reads these requests any more
-                for seq in by_loop[loop]:
+                loop.call_soon_threadsafe(_deliver, [(seq.emit.queue, out) for seq, out in batch])
+            except RuntimeError:  # the loop is closed: nobody reads these requests any more
+                for seq, _ in batch:
                     seq.cancelled = True
         leaving, self._leaving = self._leaving, []
         for on_done in leaving:

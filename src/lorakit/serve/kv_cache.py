@@ -8,9 +8,8 @@ A transformers `Cache` (so every attention layer of every decoder calls `cache.u
 does with transformers' own caches) whose layers keep keys and values in buffers of shape
 (slots, kv_heads, capacity, head_dim), allocated by the first forward, grown by `chunk`
 columns when needed and shrunk back to `chunk` (`shrink`, which the engine calls after a
-while with nothing to do). Slot i is row i of every
-buffer: a request keeps its slot from its prefill to its last token, so nothing is restacked
-between steps.
+while with nothing to do). Slot i is row i of every buffer: a request keeps its slot from its
+prefill to its last token, so nothing is restacked between steps.
 
 Columns are shared by all slots, like the positions of a left-padded batch: a forward writes
 its q new tokens at columns [write_at, write_at + q) of its rows and attends over columns
