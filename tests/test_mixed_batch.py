@@ -100,10 +100,12 @@ def stack_calls(monkeypatch):
     calls = {"apply": {}, "build": {}}
     apply, build = stacked.LoraStack.apply, stacked.LoraStack.__init__
 
-    def counted_apply(self, x, result, idx, in_place, shared=None):
+    def counted_apply(self, x, idx, shared=None, **kwargs):
         key = "Embedding" if self.embedding else "Linear"
         calls["apply"][key] = calls["apply"].get(key, 0) + 1
-        return apply(self, x, result, idx, in_place, shared)
+        if kwargs.get("base") is not None:
+            calls["fused"] = calls.get("fused", 0) + 1
+        return apply(self, x, idx, shared, **kwargs)
 
     def counted_build(self, layer):
         calls["build"][type(layer).__name__] = calls["build"].get(type(layer).__name__, 0) + 1
@@ -140,9 +142,35 @@ def test_stacked_rows_match_alone_and_the_grouped_path(stack_calls):
     names = ["rs", "b", BASE_ADAPTER, "bias", "c", "a", "rs"]
     out = mixed(model, ids, names)
     assert stack_calls["apply"]["Linear"] == 2 * 7  # every decoder linear ("b" is all-linear), one product each
+    assert stack_calls["fused"] == 2 * 7  # float32 nn.Linear bases: their product too
     assert stack_calls["apply"]["Embedding"] == 1
     torch.testing.assert_close(out, mixed(model, ids, names, plain=True), rtol=1e-5, atol=1e-5)
     assert_rows_alone(model, ids, names, out)
+
+
+@pytest.mark.parametrize("names", [["bias", "a", BASE_ADAPTER, "b"], ["bias"] * 3])  # gathered; one shared slot
+def test_plain_linear_bases_run_their_product_inside_the_stack(names, stack_calls):
+    """A float nn.Linear base's product is added into the LoRA output (`base=`), its bias and
+    lora_bias included; a base with a forward hook is called as itself. Both equal the grouped path."""
+    model = five_adapters()
+    for layer in model.modules():  # give every base linear a bias
+        if isinstance(layer, Linear) and layer.base_layer.bias is None:
+            base = layer.base_layer
+            base.bias = torch.nn.Parameter(torch.randn(base.out_features) / 10, requires_grad=False)
+    ids = torch.randint(0, 100, (len(names), 6), generator=torch.Generator().manual_seed(12))
+    out = mixed(model, ids, names)
+    holding = {n for n in names if n != BASE_ADAPTER}
+    on_linears = [m for m in model.modules() if isinstance(m, Linear) and holding & set(m.adapters)]
+    assert stack_calls["fused"] == stack_calls["apply"]["Linear"] == len(on_linears)
+    torch.testing.assert_close(out, mixed(model, ids, names, plain=True), rtol=1e-5, atol=1e-5)
+    assert_rows_alone(model, ids, names, out)
+    seen = []
+    hooked = model.base_model.model.model.layers[0].self_attn.q_proj
+    handle = hooked.base_layer.register_forward_hook(lambda module, args, output: seen.append(output.shape))
+    stack_calls["fused"] = 0
+    torch.testing.assert_close(mixed(model, ids, names), out, rtol=1e-5, atol=1e-5)
+    handle.remove()
+    assert seen == [(len(names), 6, hooked.out_features)] and stack_calls["fused"] == len(on_linears) - 1
 
 
 def test_generate_with_repeated_rows_matches_single_runs(stack_calls):
@@ -312,9 +340,9 @@ def test_rows_sharing_one_adapter_take_the_ungathered_product(name, monkeypatch)
     shared = []
     apply = stacked.LoraStack._apply_shared
 
-    def recorded(self, x, result, slot, in_place):
+    def recorded(self, x, slot, *args):
         shared.append(slot)
-        return apply(self, x, result, slot, in_place)
+        return apply(self, x, slot, *args)
 
     monkeypatch.setattr(stacked.LoraStack, "_apply_shared", recorded)
     out = mixed(model, ids, names)

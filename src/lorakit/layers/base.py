@@ -215,11 +215,11 @@ class LoraLayer(nn.Module):
     # --- forward ------------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.routing is not None and not (self.disabled or self.merged_adapters):
+            return self.routing.forward(self, x, *args, **kwargs)  # the base layer's product included
         result = self.base_layer(x, *args, **kwargs)
         if self.disabled or self.merged_adapters:
             return result
-        if self.routing is not None:
-            return self.routing.apply(self, x, result)
         out_dtype = result.dtype
         for name in self.active_adapters:
             result = result + self.variant(name).delta(self, x, name, result)

@@ -39,16 +39,22 @@ def linear_shape(layer: nn.Module) -> tuple[int, int, bool]:
     return in_features, out_features, True
 
 
-def _plain_frozen_linear(layer: nn.Module) -> bool:
-    """True for an nn.Linear (not a subclass) with a frozen weight and no hooks or patched forward,
-    whose product `autograd.lora_linear` may therefore run itself."""
+def plain_linear(layer: nn.Module) -> bool:
+    """True for an nn.Linear (not a subclass) with no hooks or patched forward: its forward is
+    exactly `F.linear(x, weight, bias)`, so a caller may run that product itself (fused with
+    its own work)."""
     from torch.nn.modules import module as torch_module
 
-    return (type(layer) is nn.Linear and not layer.weight.requires_grad and "forward" not in layer.__dict__
+    return (type(layer) is nn.Linear and "forward" not in layer.__dict__
             and not (layer._forward_hooks or layer._forward_pre_hooks or layer._backward_hooks
                      or layer._backward_pre_hooks or torch_module._global_forward_hooks
                      or torch_module._global_forward_pre_hooks or torch_module._global_backward_hooks
                      or torch_module._global_backward_pre_hooks))
+
+
+def _plain_frozen_linear(layer: nn.Module) -> bool:
+    """A `plain_linear` with a frozen weight, whose product `autograd.lora_linear` may therefore run itself."""
+    return plain_linear(layer) and not layer.weight.requires_grad
 
 
 def factor_linear(in_features: int, out_features: int, bias: bool, device: torch.device,

@@ -11,6 +11,9 @@ adapters:
 
     x: (B, L, in) -> h = x @ A[idx]^T (B, L, r_max) -> result + h @ (s · B)^T[idx] (B, L, out)
 
+(`result`, the base output, is computed inside that last product where the base is a plain
+nn.Linear, see `layers.stacked`.)
+
 Grouped (everything the stack cannot express): rows grouped by adapter once per batch shape,
 one product per group on its rows only, one scatter per layer:
 
@@ -30,6 +33,7 @@ from __future__ import annotations
 import torch
 
 from . import autograd, stacked
+from .linear import Linear, plain_linear
 from .variant import PLAIN
 
 BASE_ADAPTER = "__base__"  # the row runs the base model alone
@@ -51,7 +55,7 @@ class AdapterRouting:
         self._names = tuple(self.adapter_names)  # the batch composition, the key of `LoraStack.row_slots`
         self._distinct = list(dict.fromkeys(self.adapter_names))
         self._groups: dict[tuple[int, torch.device], list[tuple[str, torch.Tensor]]] = {}
-        self._plans: dict[int, tuple[object, list[str], bool]] = {}  # id(layer) -> (layer, routed names, stackable)
+        self._plans: dict[int, tuple[object, list[str], bool, bool]] = {}  # id(layer) -> (layer, routed, stackable, fusable)
 
     def rows_per_name(self, batch_size: int) -> int:
         """How many consecutive rows each name covers (1, or k for k repeats per row).
@@ -81,16 +85,18 @@ class AdapterRouting:
             self._groups[key] = [(name, torch.tensor(rows, device=device)) for name, rows in groups.items()]
         return self._groups[key]
 
-    def _plan(self, layer) -> tuple[list[str], bool]:
-        """(the routed adapters `layer` holds, whether the stacked path can serve them), once per routing."""
+    def _plan(self, layer) -> tuple[list[str], bool, bool]:
+        """(the routed adapters `layer` holds, whether the stacked path can serve them, whether its
+        base is a `plain_linear` whose product the stack may run itself), once per routing."""
         plan = self._plans.get(id(layer))
         if plan is None or plan[0] is not layer:
             routed = [n for n in self._distinct if n in layer.adapters]
             stackable = stacked.supports(layer) and all(
                 layer.adapters[n].variant == PLAIN and not (layer.training and layer.adapters[n].dropout > 0)
                 for n in routed)
-            plan = self._plans[id(layer)] = (layer, routed, stackable)
-        return plan[1], plan[2]
+            fusable = stackable and isinstance(layer, Linear) and plain_linear(layer.base_layer)
+            plan = self._plans[id(layer)] = (layer, routed, stackable, fusable)
+        return plan[1], plan[2], plan[3]
 
     def _stack(self, layer, routed: list[str], x: torch.Tensor) -> stacked.LoraStack | None:
         """`layer`'s stack for this forward, or None where the grouped path must run."""
@@ -102,18 +108,33 @@ class AdapterRouting:
         stack = stacked.stack_for(layer)
         return stack if all(n in stack.slots for n in routed) else None
 
-    def apply(self, layer, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-        """`result` plus, for each row, the LoRA path of that row's adapter in `layer`."""
-        routed, stackable = self._plan(layer)
+    def forward(self, layer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """`layer`'s base output plus, for each row, the LoRA path of that row's adapter in `layer`.
+
+        Args:
+            layer: The LoRA layer; its base layer is called with (x, *args, **kwargs).
+            x: The layer's input, (B, ...) with B a multiple of the number of names.
+
+        Raises:
+            ValueError: the batch size is not a multiple of the number of names.
+        """
+        routed, stackable, fusable = self._plan(layer)
+        stack = self._stack(layer, routed, x) if routed and stackable else None
+        if stack is not None:
+            idx, shared = stack.row_slots(self._names, self.rows_per_name(x.shape[0]), x.device)
+            base = layer.base_layer
+            if (fusable and not args and not kwargs and x.dtype == base.weight.dtype == stack.dtype
+                    and x.device == base.weight.device == stack.a.device and not (torch.is_grad_enabled() and base.weight.requires_grad)):
+                # The base product is added into the LoRA output (one output-sized tensor, not two).
+                return stack.apply(x, idx, shared, base=(base.weight, base.bias))
+            result = base(x, *args, **kwargs)  # (B, ..., out)
+            # In place only where no graph or hook can hold the base output.
+            in_place = not torch.is_grad_enabled() and not base._forward_hooks and result.is_contiguous()
+            return stack.apply(x, idx, shared, result=result, in_place=in_place)
+        result = layer.base_layer(x, *args, **kwargs)
         if not routed:
             self.rows_per_name(x.shape[0])  # the batch is still checked
             return result
-        stack = self._stack(layer, routed, x) if stackable else None
-        if stack is not None:
-            # In place only where no graph or hook can hold the base output.
-            in_place = not torch.is_grad_enabled() and not layer.base_layer._forward_hooks and result.is_contiguous()
-            idx, shared = stack.row_slots(self._names, self.rows_per_name(x.shape[0]), x.device)
-            return stack.apply(x, result, idx, in_place, shared)
         rows_all, deltas = [], []
         for name, rows in self.groups(x.shape[0], x.device):
             if name in layer.adapters:  # an adapter may not target this layer
