@@ -58,8 +58,7 @@ def write_adapter(path, seed, targets, base=None):
     model.save_pretrained(str(path))
 
 
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
+def write_files(tmp_path_factory):
     """outside/a (given on the command line), outside/evil; adapters/{b,c,d} good, otherbase and broken bad."""
     root = tmp_path_factory.mktemp("serve")
     write_adapter(root / "outside" / "a", 1, ["q_proj", "v_proj"])
@@ -72,6 +71,12 @@ def files(tmp_path_factory):
     (root / "adapters" / "broken").mkdir()
     (root / "adapters" / "broken" / "adapter_config.json").write_text('{"r": "not a number"')
     return root
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """The adapter folders of `write_files`, once per module."""
+    return write_files(tmp_path_factory)
 
 
 @functools.cache

@@ -13,9 +13,15 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from test_app import PROMPTS, expected, files, ids_of, make_app, running, wait_until  # noqa: F401 (files: a fixture)
+from test_app import PROMPTS, expected, ids_of, make_app, running, wait_until, write_files
 
 KEY = "s3cret-key"
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """test_app's adapter folders, written for this module."""
+    return write_files(tmp_path_factory)
 
 
 def error_of(response):
