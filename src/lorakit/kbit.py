@@ -62,7 +62,7 @@ def prepare_model_for_kbit_training(model: nn.Module, use_gradient_checkpointing
     if is_kbit_model(model) and use_gradient_checkpointing:
         if kwargs.get("use_reentrant", True) and hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5's name
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.23; gradient_checkpointing_enable before
             model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs or None)
         elif hasattr(model, "gradient_checkpointing_enable"):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)

@@ -14,7 +14,7 @@ from transformers.pytorch_utils import Conv1D
 from lorakit import LoraConfig, dispatch, get_peft_model
 from lorakit.layers import AdapterSpec, autograd
 
-from conftest import tiny_gpt2, tiny_llama
+from conftest import checkpointing_on, tiny_gpt2, tiny_llama
 
 
 
@@ -108,7 +108,7 @@ def test_frozen_adapter_still_passes_input_gradients():
 def llama_grads(path, dtype=torch.float32, dropout=0.1, checkpointing=False, recompute=True, monkeypatch=None):
     model = tiny_llama(0).to(dtype)
     if checkpointing:
-        model.activation_checkpointing_enable()
+        checkpointing_on(model)
     model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=dropout,
                                              init_lora_weights=False)).train()
     embeds = torch.randn(2, 9, 32, generator=torch.Generator().manual_seed(3)).to(dtype).requires_grad_()

@@ -18,7 +18,7 @@ import lorakit
 from lorakit import ConfigError, LoraConfig, dispatch, get_peft_model
 from lorakit.layers import AdapterSpec, autograd, dora
 
-from conftest import tiny_gpt2, tiny_llama
+from conftest import checkpointing_on, tiny_gpt2, tiny_llama
 
 TOL = 1e-5
 
@@ -239,7 +239,7 @@ def test_trains_under_gradient_checkpointing():
         model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj", "up_proj"],
                                                         use_dora=True, init_lora_weights=False)).train()
         if checkpointing:
-            model.activation_checkpointing_enable()
+            checkpointing_on(model)
         ids = torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(0))
         model(ids, labels=ids).loss.backward()
         grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})

@@ -19,7 +19,7 @@ from lorakit.quant import (
     save_quantized,
 )
 
-from conftest import logits, tiny_llama
+from conftest import checkpointing_on, logits, tiny_llama
 
 QV = dict(target_modules=["q_proj", "v_proj"])
 
@@ -216,7 +216,7 @@ def _train(model, ids, steps=8, lr=2e-2):
 def test_training_with_gradient_checkpointing_lowers_the_loss(ids, use_reentrant):
     model = get_peft_model(tiny_llama(), LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"),
                            quantize="nf4")
-    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    checkpointing_on(model, use_reentrant=use_reentrant)
     frozen = {k: v.clone() for k, v in model.state_dict().items() if "lora_" not in k}
     losses = _train(model, ids)
     assert losses[-1] < losses[0] - 0.3  # 4.61 -> about 4.15 in 8 steps
@@ -226,7 +226,7 @@ def test_training_with_gradient_checkpointing_lowers_the_loss(ids, use_reentrant
 def test_input_gradients_reach_the_first_layer_with_reentrant_checkpointing(ids):
     model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights="gaussian"),
                            quantize="nf4")
-    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
+    checkpointing_on(model, use_reentrant=True)
     model.train()
     model.base_model.model.model.layers[0].self_attn.q_proj.lora_B["default"].weight.data.normal_()
     model(input_ids=ids, labels=ids).loss.backward()

@@ -2,6 +2,7 @@
 models, padded rows, rows joining later), prompts arriving together share one prefill, rows fail and stop alone."""
 
 import asyncio
+import inspect
 import threading
 import time
 
@@ -550,8 +551,10 @@ def test_the_sliding_window_mask_counts_each_rows_own_tokens():
     attention_mask = torch.tensor([[int(c >= s) for c in range(t + 1)] for s in starts])
     embeds = torch.zeros(3, 1, config.hidden_size)
     config._attn_implementation = "eager"
+    # transformers renamed the cache argument (past_key_values -> cache) after 5.14
+    cache_arg = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
     for build, window in [(create_sliding_window_causal_mask, 4), (create_causal_mask, None)]:
-        mask = build(config=config, inputs_embeds=embeds, attention_mask=attention_mask, cache=cache,
+        mask = build(config=config, inputs_embeds=embeds, attention_mask=attention_mask, **{cache_arg: cache},
                      position_ids=torch.tensor([[t - s] for s in starts]))
         kv_length, kv_offset = cache.get_mask_sizes(1, cache.is_sliding.index(window is not None))
         assert mask.shape == (3, 1, 1, kv_length)
@@ -566,6 +569,14 @@ def test_refuses_layers_that_are_not_attention():
                          num_key_value_heads=2, vocab_size=100, layer_types=["full_attention", "linear_attention"])
     with pytest.raises(ValueError, match=r"full and sliding-window attention layers; this model has \['linear_attention'\]"):
         SlotCache(config, slots=2)
+
+
+def test_an_older_transformers_is_named(monkeypatch):
+    from lorakit.serve import kv_cache
+
+    monkeypatch.setattr(kv_cache, "get_layer_types_and_kwargs", None)  # as on transformers < 5.14
+    with pytest.raises(ValueError, match=r"needs transformers >= 5\.14"):
+        SlotCache(tiny_llama().config, slots=2)
 
 
 def test_sample_token():

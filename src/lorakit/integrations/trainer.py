@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 
 import torch
@@ -41,8 +42,14 @@ class AdapterTrainerMixin:
         # class name, read off the base model for a PEFT model: do the same for lorakit's wrapper.
         causal = adapter_model.get_base_model()._get_name() in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
         smoother = self.label_smoother
-        self.compute_loss_func = lambda outputs, labels, num_items_in_batch=None: smoother(
-            outputs, labels, shift_labels=causal, num_items_in_batch=num_items_in_batch)
+        counted = "num_items_in_batch" in inspect.signature(smoother.__call__).parameters  # newer transformers
+
+        def smoothed_loss(outputs, labels, num_items_in_batch=None):
+            if counted:
+                return smoother(outputs, labels, shift_labels=causal, num_items_in_batch=num_items_in_batch)
+            return smoother(outputs, labels, shift_labels=causal)
+
+        self.compute_loss_func = smoothed_loss
         try:
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)

@@ -49,12 +49,14 @@ def layer_windows(config: Any) -> list[int | None]:
             sliding-window attention (linear attention, chunked attention, shared KV, ...).
     """
     if get_layer_types_and_kwargs is None:
-        raise ValueError("lorakit serve needs a transformers version with per-layer cache classes "
-                         "(transformers.cache_utils.CacheLayerMixin); upgrade transformers")
+        raise ValueError("lorakit serve needs transformers >= 5.14 (per-layer cache classes and "
+                         "transformers.cache_utils.get_layer_types_and_kwargs); upgrade transformers")
     layer_types, layer_kwargs = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
     odd = sorted(set(layer_types) - set(SUPPORTED_LAYER_TYPES))
     if odd:
         raise ValueError(f"lorakit serve supports full and sliding-window attention layers; this model has {odd} layers")
+    if isinstance(layer_kwargs, dict):  # transformers before 5.25 or so: one dict for every layer
+        layer_kwargs = [layer_kwargs] * len(layer_types)
     return [kwargs.get("sliding_window") if kind == "sliding_attention" else None
             for kind, kwargs in zip(layer_types, layer_kwargs)]
 

@@ -50,7 +50,7 @@ CHECKPOINT_FILES = (STATE_NAME, adapter_format.WEIGHTS_NAME, CONFIG_NAME)  # a c
 def enable_gradient_checkpointing(model) -> None:
     """Recompute each decoder layer in backward (non-reentrant, so frozen inputs need no grad hack)."""
     model.config.use_cache = False
-    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.23
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
