@@ -94,7 +94,9 @@ class AdapterRouting:
             stackable = stacked.supports(layer) and all(
                 layer.adapters[n].variant == PLAIN and not (layer.training and layer.adapters[n].dropout > 0)
                 for n in routed)
-            fusable = stackable and isinstance(layer, Linear) and plain_linear(layer.base_layer)
+            # (a tensor subclass weight, e.g. a DTensor or a quantized one, runs its own product)
+            fusable = (stackable and isinstance(layer, Linear) and plain_linear(layer.base_layer)
+                       and type(layer.base_layer.weight) in (torch.Tensor, torch.nn.Parameter))
             plan = self._plans[id(layer)] = (layer, routed, stackable, fusable)
         return plan[1], plan[2], plan[3]
 
