@@ -173,6 +173,73 @@ def test_plain_linear_bases_run_their_product_inside_the_stack(names, stack_call
     assert seen == [(len(names), 6, hooked.out_features)] and stack_calls["fused"] == len(on_linears) - 1
 
 
+def test_a_hook_added_between_two_forwards_of_one_routing_runs(stack_calls):
+    """Inside one `mixed_batch` block (as in `generate`), a hook registered on a base layer after
+    the first forward runs from the next one on: the base layer is called again, not fused past."""
+    model = five_adapters()
+    ids = torch.randint(0, 100, (3, 6), generator=torch.Generator().manual_seed(13))
+    names = ["b", "a", BASE_ADAPTER]
+    q_proj = model.base_model.model.model.layers[0].self_attn.q_proj  # holds a and b
+    with torch.no_grad(), model.base_model.mixed_batch(names):
+        first = model(ids).logits
+        handle = q_proj.base_layer.register_forward_hook(lambda module, args, output: output * 0)
+        stack_calls["fused"] = 0
+        hooked = model(ids).logits
+    assert stack_calls["fused"] == 2 * 7 - 1 and not torch.allclose(hooked, first)
+    torch.testing.assert_close(hooked, mixed(model, ids, names, plain=True), rtol=1e-5, atol=1e-5)
+    handle.remove()
+
+
+def test_input_gradients_through_the_fused_product_equal_the_grouped_path(stack_calls):
+    """Grad on, adapters and base frozen, an input that needs its gradient: the fused product runs
+    and its input gradients (base bias included) equal the grouped path's."""
+    model = five_adapters()
+    layer = model.base_model.model.model.layers[1].mlp.down_proj
+    layer.base_layer.bias = torch.nn.Parameter(torch.randn(layer.out_features) / 10, requires_grad=False)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    embeds = torch.randn(4, 5, 32, generator=torch.Generator().manual_seed(14))
+    names = ["bias", "b", BASE_ADAPTER, "rs"]
+    grads = []
+    for path in ("function", "plain"):
+        x = embeds.clone().requires_grad_()
+        with autograd.lora_path(path):
+            model(inputs_embeds=x, adapter_names=names).logits.square().sum().backward()
+        grads.append(x.grad)
+    assert stack_calls["fused"] == 2 * 7
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-5)
+
+
+class _DoubledWeight(torch.Tensor):
+    """A weight subclass whose F.linear uses 2 · W (as a quantized tensor runs its own product)."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func is torch.nn.functional.linear:
+            x, weight, *rest = args
+            return torch.nn.functional.linear(x, weight.as_subclass(torch.Tensor) * 2, *rest)
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+@pytest.mark.parametrize("names", [["b", "a", BASE_ADAPTER], ["b"] * 3])
+def test_a_tensor_subclass_weight_runs_its_own_product(names, stack_calls):
+    model = five_adapters()
+    base = model.base_model.model.model.layers[0].self_attn.q_proj.base_layer
+    base.weight = torch.nn.Parameter(base.weight.detach().as_subclass(_DoubledWeight), requires_grad=False)
+    ids = torch.randint(0, 100, (3, 6), generator=torch.Generator().manual_seed(15))
+    out = mixed(model, ids, names)
+    assert stack_calls["fused"] == stack_calls["apply"]["Linear"] - 1
+    torch.testing.assert_close(out, mixed(model, ids, names, plain=True), rtol=1e-5, atol=1e-5)
+
+
+def test_stack_apply_takes_the_base_output_or_the_base_factors():
+    model = five_adapters()
+    stack = stacked.stack_for(model.base_model.model.model.layers[0].self_attn.q_proj)
+    x, idx = torch.randn(2, 3, 32), torch.tensor([1, 2])
+    with pytest.raises(ValueError, match="result=.*base=.*one of them"):
+        stack.apply(x, idx)
+
+
 def test_generate_with_repeated_rows_matches_single_runs(stack_calls):
     model = five_adapters()
     ids = torch.randint(1, 100, (3, 5), generator=torch.Generator().manual_seed(4))

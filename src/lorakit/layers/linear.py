@@ -40,12 +40,15 @@ def linear_shape(layer: nn.Module) -> tuple[int, int, bool]:
 
 
 def plain_linear(layer: nn.Module) -> bool:
-    """True for an nn.Linear (not a subclass) with no hooks or patched forward: its forward is
-    exactly `F.linear(x, weight, bias)`, so a caller may run that product itself (fused with
-    its own work)."""
+    """True for an nn.Linear (not a subclass) with no hooks, patched forward or `Module.compile`,
+    and a plain-tensor weight (not a DTensor or quantized subclass): its forward is exactly
+    `F.linear(x, weight, bias)`, so a caller may run that product itself (fused with its own
+    work). Cheap enough to ask on every forward (hooks come and go)."""
     from torch.nn.modules import module as torch_module
 
     return (type(layer) is nn.Linear and "forward" not in layer.__dict__
+            and getattr(layer, "_compiled_call_impl", None) is None
+            and type(layer.weight) in (torch.Tensor, nn.Parameter)
             and not (layer._forward_hooks or layer._forward_pre_hooks or layer._backward_hooks
                      or layer._backward_pre_hooks or torch_module._global_forward_hooks
                      or torch_module._global_forward_pre_hooks or torch_module._global_backward_hooks

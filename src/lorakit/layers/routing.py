@@ -12,7 +12,8 @@ adapters:
     x: (B, L, in) -> h = x @ A[idx]^T (B, L, r_max) -> result + h @ (s · B)^T[idx] (B, L, out)
 
 (`result`, the base output, is computed inside that last product where the base is a plain
-nn.Linear, see `layers.stacked`.)
+nn.Linear called with x alone, in the stack's dtype and device, its weight frozen or grad off:
+`AdapterRouting._fusable`, and `layers.stacked` for why.)
 
 Grouped (everything the stack cannot express): rows grouped by adapter once per batch shape,
 one product per group on its rows only, one scatter per layer:
@@ -55,7 +56,7 @@ class AdapterRouting:
         self._names = tuple(self.adapter_names)  # the batch composition, the key of `LoraStack.row_slots`
         self._distinct = list(dict.fromkeys(self.adapter_names))
         self._groups: dict[tuple[int, torch.device], list[tuple[str, torch.Tensor]]] = {}
-        self._plans: dict[int, tuple[object, list[str], bool, bool]] = {}  # id(layer) -> (layer, routed, stackable, fusable)
+        self._plans: dict[int, tuple[object, list[str], bool]] = {}  # id(layer) -> (layer, routed names, stackable)
 
     def rows_per_name(self, batch_size: int) -> int:
         """How many consecutive rows each name covers (1, or k for k repeats per row).
@@ -85,20 +86,29 @@ class AdapterRouting:
             self._groups[key] = [(name, torch.tensor(rows, device=device)) for name, rows in groups.items()]
         return self._groups[key]
 
-    def _plan(self, layer) -> tuple[list[str], bool, bool]:
-        """(the routed adapters `layer` holds, whether the stacked path can serve them, whether its
-        base is a `plain_linear` whose product the stack may run itself), once per routing."""
+    def _plan(self, layer) -> tuple[list[str], bool]:
+        """(the routed adapters `layer` holds, whether the stacked path can serve them), once per routing."""
         plan = self._plans.get(id(layer))
         if plan is None or plan[0] is not layer:
             routed = [n for n in self._distinct if n in layer.adapters]
             stackable = stacked.supports(layer) and all(
                 layer.adapters[n].variant == PLAIN and not (layer.training and layer.adapters[n].dropout > 0)
                 for n in routed)
-            # (a tensor subclass weight, e.g. a DTensor or a quantized one, runs its own product)
-            fusable = (stackable and isinstance(layer, Linear) and plain_linear(layer.base_layer)
-                       and type(layer.base_layer.weight) in (torch.Tensor, torch.nn.Parameter))
-            plan = self._plans[id(layer)] = (layer, routed, stackable, fusable)
-        return plan[1], plan[2], plan[3]
+            plan = self._plans[id(layer)] = (layer, routed, stackable)
+        return plan[1], plan[2]
+
+    @staticmethod
+    def _fusable(layer, stack: stacked.LoraStack, x: torch.Tensor, args: tuple, kwargs: dict) -> bool:
+        """Whether the stack may run `layer`'s base product itself (`LoraStack.apply(base=)`):
+        a Linear whose base is a `plain_linear` (asked on every forward: hooks come and go),
+        called with x alone, x and the weight in the stack's dtype and on its device, and no
+        gradient for the weight."""
+        base = layer.base_layer
+        if args or kwargs or not isinstance(layer, Linear) or not plain_linear(base):
+            return False
+        weight = base.weight
+        return (x.dtype == weight.dtype == stack.dtype and x.device == weight.device == stack.a.device
+                and not (weight.requires_grad and torch.is_grad_enabled()))
 
     def _stack(self, layer, routed: list[str], x: torch.Tensor) -> stacked.LoraStack | None:
         """`layer`'s stack for this forward, or None where the grouped path must run."""
@@ -120,13 +130,12 @@ class AdapterRouting:
         Raises:
             ValueError: the batch size is not a multiple of the number of names.
         """
-        routed, stackable, fusable = self._plan(layer)
+        routed, stackable = self._plan(layer)
         stack = self._stack(layer, routed, x) if routed and stackable else None
         if stack is not None:
             idx, shared = stack.row_slots(self._names, self.rows_per_name(x.shape[0]), x.device)
             base = layer.base_layer
-            if (fusable and not args and not kwargs and x.dtype == base.weight.dtype == stack.dtype
-                    and x.device == base.weight.device == stack.a.device and not (torch.is_grad_enabled() and base.weight.requires_grad)):
+            if self._fusable(layer, stack, x, args, kwargs):
                 # The base product is added into the LoRA output (one output-sized tensor, not two).
                 return stack.apply(x, idx, shared, base=(base.weight, base.bias))
             result = base(x, *args, **kwargs)  # (B, ..., out)

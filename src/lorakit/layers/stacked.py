@@ -25,8 +25,9 @@ takes one slot (a batch on one adapter, a decode step of one adapter's requests)
 two plain matrix products over all B · L positions at that adapter's own rank, with no gather
 (`LoraStack.row_slots` tells, once per batch composition).
 
-Where the base is a plain `nn.Linear` (`linear.plain_linear`) in the stack's dtype, the stack
-runs the base product as well: the LoRA product writes a fresh output and `addmm_` adds
+Where the base is a plain `nn.Linear` (`linear.plain_linear`) in the stack's dtype (float32
+adapters on a float32 base, as a rule; a float16 base under float32 adapters takes the base
+output as it comes), the stack runs the base product as well: the LoRA product writes a fresh output and `addmm_` adds
 x @ W^T (+ bias) into it, which spares the pass that adding the LoRA product into the base's
 output costs. In the issue's forward (64 rows x 64 adapters, `benchmarks/mixed_batch.py`) that
 halved lorakit's LoRA overhead, 1.065x -> 1.032x of the base (15 interleaved rounds, paired).
@@ -246,6 +247,8 @@ class LoraStack:
             (B, ..., out) in `result`'s dtype (`result` itself when `in_place`), or the stack's
             dtype with `base`.
         """
+        if (result is None) == (base is None):
+            raise ValueError("LoraStack.apply takes the base output (result=) or the base's factors (base=), one of them")
         if shared is not None and not self.embedding:
             return self._apply_shared(x, shared, result, in_place, base)
         rows = x.shape[0]
