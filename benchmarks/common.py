@@ -3,8 +3,9 @@
 The model is a Llama-style decoder built from a config (no download), the same for every
 variant of a row, with the same seed and the same batch.
 
-Timing: the variants of a row run in one process, one step of each per round, in an order
-rotated every round, after warm-up rounds; a row reports each variant's median and, for a
+Timing: the variants of a row run in one process, one step of each per round, in the orders
+of a Williams design (every variant right after every other one equally often), after warm-up
+rounds; a row reports each variant's median and, for a
 ratio, the median over rounds of the per-round ratio (paired, so a slow round for the machine
 slows both sides of the ratio).
 
@@ -95,9 +96,27 @@ def make_batch(spec: ModelSpec, dtype: torch.dtype = torch.float32, seed: int = 
 CLOCKS = {"cpu": time.process_time, "wall": time.perf_counter}
 
 
+def balanced_orders(n: int) -> list[list[int]]:
+    """The rows of a Williams design for n variants (n rows, 2n for odd n): each row an order
+    of 0..n-1; over the rows every variant comes first equally often and right after every
+    other variant equally often."""
+    first, low, high = [0], 1, n - 1
+    while len(first) < n:  # 0, 1, n-1, 2, n-2, ...
+        first.append(low)
+        low += 1
+        if len(first) < n:
+            first.append(high)
+            high -= 1
+    rows = [[(v + k) % n for v in first] for k in range(n)]
+    return rows + [row[::-1] for row in rows] if n % 2 else rows
+
+
 def interleave(variants: dict[str, Callable[[], None]], rounds: int, warmup: int,
                clock: str = "cpu", untimed: dict[str, Callable[[], None]] | None = None) -> dict[str, list[float]]:
-    """Seconds per call of each variant, one call of each per round, the order rotated each round.
+    """Seconds per call of each variant, one call of each per round, the orders those of a
+    Williams design (`balanced_orders`): over its rounds every variant runs right after every
+    other one equally often. Plain rotation keeps each variant right after the same one, so what
+    that one leaves behind in caches and the allocator always lands on the same variant.
 
     Args:
         variants: name -> a callable doing one step.
@@ -113,9 +132,9 @@ def interleave(variants: dict[str, Callable[[], None]], rounds: int, warmup: int
     now = CLOCKS[clock]
     names = list(variants)
     times: dict[str, list[float]] = {name: [] for name in names}
+    orders = [[names[k] for k in order] for order in balanced_orders(len(names))]
     for i in range(warmup + rounds):
-        shift = i % len(names)
-        for name in names[shift:] + names[:shift]:
+        for name in orders[i % len(orders)]:
             start = now()
             variants[name]()
             elapsed = now() - start

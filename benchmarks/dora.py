@@ -5,7 +5,7 @@ Usage: python -m benchmarks.dora [--quick] [--config NAME ...] [--rounds N] [--t
 
 A step is forward, loss and backward (gradients of the adapter and of inputs_embeds), as in
 `benchmarks.lora_step`, on the same Llama-style model (`common.ModelSpec`). Variants timed per
-round, interleaved in one process with the order rotated each round (`common.interleave`):
+round, interleaved in one process with the order balanced over rounds (`common.interleave`):
 
     lorakit-lora   lorakit, use_dora=False (its default training path)
     lorakit-dora   lorakit, use_dora=True (the DoRA Function of `lorakit.layers.dora`)
@@ -147,7 +147,7 @@ def section(results: list[Result], spec: ModelSpec, rounds: int, command: str) -
         "perturbed (B != 0, m != ||W||).",
         "- A step is forward, loss and backward, as in the rows above; the five variants (lorakit "
         "LoRA, lorakit DoRA, lorakit DoRA on its plain autograd path, PEFT LoRA, PEFT DoRA) run "
-        f"interleaved in one process, order rotated each round, {rounds} measured rounds after one "
+        f"interleaved in one process, order balanced over rounds, {rounds} measured rounds after one "
         "warm-up; times are medians (process CPU time), ratios medians of per-round ratios.",
         "- With dropout, DoRA as PEFT and the paper's code define it rescales the base product of the "
         "*dropped* input, so every implementation pays one more base-sized product forward and "

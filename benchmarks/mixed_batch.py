@@ -7,7 +7,7 @@ The issue's case: a Llama-style model (4 layers, hidden 512, MLP 1376, vocab 819
 weights), every linear layer of the decoder targeted with r=8 (lora_alpha 16, B != 0), a batch
 of 64 rows x 32 tokens whose rows take the adapters round-robin (row i: adapter i mod N), one
 forward under `torch.inference_mode`. For N = 1, 4, 16 and 64 adapters, interleaved in one
-process, order rotated each round (`common.interleave`):
+process, order balanced over rounds (`common.interleave`):
 
     base             the model without adapters
     lorakit          lorakit, `adapter_names=` (the stacked path of `layers.stacked`)
@@ -147,7 +147,7 @@ def section(tables: list[str], spec: ModelSpec, rounds: int, warmup: int, clock:
         f"- Model: {spec.describe()}; float32, random weights; every decoder linear layer targeted, r={RANK}, "
         f"lora_alpha={2 * RANK}, B != 0; row i runs adapter i mod N.",
         "- One forward under `torch.inference_mode` with `adapter_names=`; base, lorakit (stacked path), "
-        "lorakit's grouped reference path and PEFT interleaved in one process, order rotated each round, "
+        "lorakit's grouped reference path and PEFT interleaved in one process, order balanced over rounds, "
         f"{rounds} measured rounds after {warmup} warm-up; times are medians of "
         + ("process CPU time" if clock == "cpu" else "wall time")
         + ", ratios medians of per-round ratios; overhead vs PEFT's = (lorakit / base - 1) / (PEFT / base - 1).",

@@ -24,7 +24,7 @@ fresh process while it builds the model and reads every weight once (the QLoRA c
 the 4-bit base with `load_quantized`: no bf16 copy is ever resident). Peak training memory: each variant in its own
 subprocess (`benchmarks.common.child_peak`): VmHWM over one measured step after a warm-up step,
 minus the resident set before the model was built. Step time: the variants in one process, one
-step each per round in rotated order, median per variant and the median of the per-round
+step each per round in orders balanced over rounds, median per variant and the median of the per-round
 QLoRA / bf16-LoRA ratio (`benchmarks.common.interleave`); by default the process's CPU time with
 one torch thread, which other processes on a shared machine disturb least.
 """
