@@ -115,8 +115,9 @@ def interleave(variants: dict[str, Callable[[], None]], rounds: int, warmup: int
                clock: str = "cpu", untimed: dict[str, Callable[[], None]] | None = None) -> dict[str, list[float]]:
     """Seconds per call of each variant, one call of each per round, the orders those of a
     Williams design (`balanced_orders`): over its rounds every variant runs right after every
-    other one equally often. Plain rotation keeps each variant right after the same one, so what
-    that one leaves behind in caches and the allocator always lands on the same variant.
+    other one equally often (exactly so where `rounds` is a multiple of its length: n variants,
+    2n for odd n). Plain rotation keeps each variant right after the same one, so what that one
+    leaves behind in caches and the allocator always lands on the same variant.
 
     Args:
         variants: name -> a callable doing one step.
@@ -134,7 +135,7 @@ def interleave(variants: dict[str, Callable[[], None]], rounds: int, warmup: int
     times: dict[str, list[float]] = {name: [] for name in names}
     orders = [[names[k] for k in order] for order in balanced_orders(len(names))]
     for i in range(warmup + rounds):
-        for name in orders[i % len(orders)]:
+        for name in orders[(i - warmup) % len(orders)]:  # the measured rounds start the design
             start = now()
             variants[name]()
             elapsed = now() - start

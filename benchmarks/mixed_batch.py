@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--adapters", type=int, nargs="*",
                         help=f"adapter counts (default {' '.join(map(str, ADAPTERS))})")
     parser.add_argument("--repeat", type=int, default=1, help="whole runs, one table each (the spread)")
-    common.add_timing_args(parser, rounds=(15, 3), warmup=1)  # 15: a paired median that noise moves less
+    common.add_timing_args(parser, rounds=(16, 4), warmup=1)  # 16: 4 whole cycles of the 4-variant design
     parser.add_argument("--write-docs", action="store_true", help="put the tables into docs/benchmarks.md")
     args = parser.parse_args(argv)
     if args.adapters is not None and any(n < 1 for n in args.adapters):
@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     spec = QUICK if args.quick else SPEC
     counts = args.adapters or list(ADAPTERS)
-    rounds = args.rounds or (3 if args.quick else 15)
+    rounds = args.rounds or (4 if args.quick else 16)
     tables = []
     for run in range(args.repeat):
         results = []

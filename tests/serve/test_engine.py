@@ -571,6 +571,23 @@ def test_refuses_layers_that_are_not_attention():
         SlotCache(config, slots=2)
 
 
+def test_layer_windows_read_per_layer_and_shared_kwargs(monkeypatch):
+    """transformers 5.19+ gives one kwargs dict per layer, 5.14-5.18 one dict for all: the same windows."""
+    from lorakit.serve import kv_cache
+
+    config = gemma3_alternating(window=4).config
+    per_layer = kv_cache.layer_windows(config)
+    assert None in per_layer and 4 in per_layer  # alternating full and sliding layers
+    real = kv_cache.get_layer_types_and_kwargs
+
+    def shared(config):
+        types, kwargs = real(config)
+        return types, (kwargs if isinstance(kwargs, dict) else {"sliding_window": 4})
+
+    monkeypatch.setattr(kv_cache, "get_layer_types_and_kwargs", shared)
+    assert kv_cache.layer_windows(config) == per_layer
+
+
 def test_an_older_transformers_is_named(monkeypatch):
     from lorakit.serve import kv_cache
 

@@ -55,7 +55,7 @@ def layer_windows(config: Any) -> list[int | None]:
     odd = sorted(set(layer_types) - set(SUPPORTED_LAYER_TYPES))
     if odd:
         raise ValueError(f"lorakit serve supports full and sliding-window attention layers; this model has {odd} layers")
-    if isinstance(layer_kwargs, dict):  # transformers before 5.25 or so: one dict for every layer
+    if isinstance(layer_kwargs, dict):  # transformers 5.14-5.18: one dict for every layer
         layer_kwargs = [layer_kwargs] * len(layer_types)
     return [kwargs.get("sliding_window") if kind == "sliding_attention" else None
             for kind, kwargs in zip(layer_types, layer_kwargs)]
