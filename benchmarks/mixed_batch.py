@@ -18,8 +18,10 @@ process, order balanced over rounds (`common.interleave`):
 Reported per N: medians (process CPU time by default), paired medians over rounds of
 lorakit / base and PEFT / base, and the overhead ratio (lorakit / base - 1) / (PEFT / base - 1):
 lorakit's LoRA overhead as a fraction of PEFT's. Goals: at 64 adapters the overhead ratio <= 0.25
-and lorakit <= 1.10x base; at 1 adapter lorakit no slower than PEFT. `--write-docs` puts the
-table into docs/benchmarks.md in its own section (the rest of the file is left alone).
+and lorakit <= 1.10x base; at 1 adapter lorakit no slower than PEFT. With `--repeat N` (whole
+runs, each building its models afresh) a last table gives, per adapter count, the median of the
+N runs' ratios with their range, and judges the goals on those medians. `--write-docs` puts the
+tables into docs/benchmarks.md in their own section (the rest of the file is left alone).
 """
 
 from __future__ import annotations
@@ -98,14 +100,43 @@ class Result:
         return (self.lorakit - 1) / (self.peft - 1)
 
     def goals(self, most: int) -> list[tuple[str, bool]]:
-        """(goal in words, met) for this row: the 64-adapter goals on the largest count, the 1-adapter one on 1."""
-        goals = []
-        if self.n_adapters == most:
-            goals += [(f"overhead <= {OVERHEAD_GOAL} PEFT's", self.overhead <= OVERHEAD_GOAL),
-                      (f"<= {FORWARD_GOAL}x base", self.lorakit <= FORWARD_GOAL)]
-        if self.n_adapters == 1:
-            goals.append(("no slower than PEFT", self.lorakit <= self.peft))
-        return goals
+        """(goal in words, met) for this row (see `goals`)."""
+        return goals(self.n_adapters, self.lorakit, self.peft, self.overhead, most)
+
+
+def goals(n_adapters: int, lorakit: float, peft: float, overhead: float, most: int) -> list[tuple[str, bool]]:
+    """(goal in words, met): the 64-adapter goals on the largest count `most`, the 1-adapter one on 1."""
+    met = []
+    if n_adapters == most:
+        met += [(f"overhead <= {OVERHEAD_GOAL} PEFT's", overhead <= OVERHEAD_GOAL),
+                (f"<= {FORWARD_GOAL}x base", lorakit <= FORWARD_GOAL)]
+    if n_adapters == 1:
+        met.append(("no slower than PEFT", lorakit <= peft))
+    return met
+
+
+def across_runs(runs: list[list[Result]]) -> str:
+    """A markdown table over whole runs: per adapter count, the median (and range) of each run's
+    ratios, and the goals judged on the medians."""
+    counts = [r.n_adapters for r in runs[0]]
+    most = max(counts)
+    header = ["adapters", "lorakit / base", "PEFT / base", "overhead vs PEFT's", "goals (on the medians)"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    for i, n in enumerate(counts):
+        rows = [run[i] for run in runs]
+        cells = [str(n)]
+        for values, fmt in (([r.lorakit for r in rows], "{:.3f}x"), ([r.peft for r in rows], "{:.3f}x"),
+                            ([r.overhead for r in rows], "{:.3f}")):
+            cells.append(f"{fmt.format(common.median(values))} "
+                         f"({fmt.format(min(values))} to {fmt.format(max(values))})")
+        medians = [common.median([getattr(r, k) for r in rows]) for k in ("lorakit", "peft", "overhead")]
+        judged = []
+        for goal, met in goals(n, *medians, most):
+            met_in = sum(dict(r.goals(most))[goal] for r in rows)
+            judged.append(f"{goal}: {'met' if met else 'NOT met'} (in {met_in} of {len(rows)} runs)")
+        cells.append("; ".join(judged))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def summarize(n_adapters: int, times: dict[str, list[float]]) -> Result:
@@ -124,18 +155,23 @@ def format_table(results: list[Result]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for res in results:
         m = res.medians
-        goals = "; ".join(f"{goal}: {'met' if met else 'NOT met'}" for goal, met in res.goals(most))
+        judged = "; ".join(f"{goal}: {'met' if met else 'NOT met'}" for goal, met in res.goals(most))
         cells = [str(res.n_adapters), common.seconds(m["base"]), common.seconds(m["lorakit"]),
                  common.seconds(m["peft"]), f"{res.lorakit:.3f}x", f"{res.peft:.3f}x", f"{res.overhead:.3f}",
-                 f"{res.grouped:.3f}x", goals]
+                 f"{res.grouped:.3f}x", judged]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def section(tables: list[str], spec: ModelSpec, rounds: int, warmup: int, clock: str, command: str) -> str:
-    """The docs/benchmarks.md section, between its markers: one table per run."""
+def section(tables: list[str], spec: ModelSpec, rounds: int, warmup: int, clock: str, command: str,
+            summary: str | None = None) -> str:
+    """The docs/benchmarks.md section, between its markers: one table per run, then the medians
+    over runs (`across_runs`) where there were several."""
     machine = common.machine()
     runs = [f"Run {i} of {len(tables)}:\n\n{table}" for i, table in enumerate(tables, start=1)]
+    if summary is not None:
+        runs.append(f"Medians over the {len(tables)} runs (range over runs), the goals judged on the medians:"
+                    f"\n\n{summary}")
     return "\n".join([
         SECTION_START,
         "## Mixed-adapter batches (`python -m benchmarks.mixed_batch`)",
@@ -172,15 +208,19 @@ def main(argv: list[str] | None = None) -> None:
     spec = QUICK if args.quick else SPEC
     counts = args.adapters or list(ADAPTERS)
     rounds = args.rounds or (4 if args.quick else 16)
-    tables = []
+    tables, runs = [], []
     for run in range(args.repeat):
         results = []
         for n in counts:
             print(f"[mixed_batch] run {run + 1}, {n} adapters: {rounds} rounds after {args.warmup} warm-up ...",
                   flush=True)
             results.append(summarize(n, time_adapters(spec, n, rounds, args.warmup, args.clock)))
+        runs.append(results)
         tables.append(format_table(results))
         print(tables[-1], flush=True)
+    summary = across_runs(runs) if args.repeat > 1 else None
+    if summary is not None:
+        print(f"Medians over the {args.repeat} runs (range):", summary, sep="\n", flush=True)
     if args.write_docs:
         command = f"python -m {MODULE}" + (" --quick" if args.quick else "") + (
             f" --adapters {' '.join(map(str, counts))}" if args.adapters else "") + (
@@ -189,7 +229,7 @@ def main(argv: list[str] | None = None) -> None:
             f" --threads {args.threads}" if args.threads != 1 else "") + (
             f" --clock {args.clock}" if args.clock != "cpu" else "")
         common.write_section(DOCS, SECTION_START, SECTION_END,
-                             section(tables, spec, rounds, args.warmup, args.clock, command))
+                             section(tables, spec, rounds, args.warmup, args.clock, command, summary))
         print(f"wrote {DOCS}")
 
 

@@ -23,3 +23,22 @@ def test_interleave_runs_one_call_of_each_per_round_in_balanced_orders():
     assert {name: len(t) for name, t in times.items()} == {name: 4 for name in "abcd"}
     rounds = [calls[i:i + 4] for i in range(4, len(calls), 4)]  # after the warm-up round
     assert rounds == [["abcd"[k] for k in row] for row in common.balanced_orders(4)]
+
+
+def test_mixed_batch_judges_the_goals_on_the_medians_over_runs():
+    from benchmarks.mixed_batch import Result, across_runs
+
+    def run(lorakit, peft):  # a 1-adapter row and a 64-adapter row
+        return [Result(1, {}, lorakit=1.05, grouped=1.2, peft=1.2), Result(64, {}, lorakit=lorakit, grouped=1.2, peft=peft)]
+
+    # overheads 0.2, 0.4, 0.1 (median 0.2); forward 1.04x, 1.12x, 1.02x (median 1.04x)
+    table = across_runs([run(1.04, 1.2), run(1.12, 1.3), run(1.02, 1.2)])
+    rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines()[2:]}
+    assert "1.040x (1.020x to 1.120x)" in rows["64"]
+    assert "0.200 (0.100 to 0.400)" in rows["64"]
+    assert "overhead <= 0.25 PEFT's: met (in 2 of 3 runs)" in rows["64"]
+    assert "<= 1.1x base: met (in 2 of 3 runs)" in rows["64"]
+    assert "no slower than PEFT: met (in 3 of 3 runs)" in rows["1"]
+    table = across_runs([run(1.12, 1.3), run(1.12, 1.3), run(1.02, 1.2)])
+    assert "overhead <= 0.25 PEFT's: NOT met (in 1 of 3 runs)" in table
+    assert "<= 1.1x base: NOT met (in 1 of 3 runs)" in table
