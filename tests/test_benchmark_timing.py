@@ -42,3 +42,21 @@ def test_mixed_batch_judges_the_goals_on_the_medians_over_runs():
     table = across_runs([run(1.12, 1.3), run(1.12, 1.3), run(1.02, 1.2)])
     assert "overhead <= 0.25 PEFT's: NOT met (in 1 of 3 runs)" in table
     assert "<= 1.1x base: NOT met (in 1 of 3 runs)" in table
+
+
+def test_benchmarks_run_rewrites_only_its_own_section(tmp_path):
+    from benchmarks.run import SECTION_END, SECTION_START, write_report
+
+    def report(n):
+        return f"{SECTION_START}\n# Benchmarks\n\nreport {n}\n{SECTION_END}"
+
+    path = tmp_path / "benchmarks.md"
+    write_report(path, report(1))  # a new file: the report alone
+    assert path.read_text() == report(1) + "\n"
+    notes = "\n<!-- benchmarks.serve: start -->\nserve table\n<!-- benchmarks.serve: end -->\n\nA note on serving.\n"
+    path.write_text(path.read_text() + notes)
+    write_report(path, report(2))
+    assert path.read_text() == report(2) + "\n" + notes
+    path.write_text("<!-- benchmarks.dora: start -->\ndora\n<!-- benchmarks.dora: end -->\nA note.\n")
+    write_report(path, report(3))  # a file without the run's section: the report goes on top
+    assert path.read_text() == report(3) + "\n\n<!-- benchmarks.dora: start -->\ndora\n<!-- benchmarks.dora: end -->\nA note.\n"
