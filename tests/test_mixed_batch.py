@@ -423,6 +423,44 @@ def test_rows_sharing_one_adapter_take_the_ungathered_product(name, monkeypatch)
     assert not shared
 
 
+@pytest.mark.parametrize("name", ["bias", "b", "rs"])
+@pytest.mark.parametrize("base", ["plain", "biased", "hooked"])  # fused; fused with a base bias; result= in place
+def test_long_one_adapter_batches_take_chunked_products(name, base, monkeypatch):
+    """All rows on one adapter, at least SHARED_CHUNKED_FROM positions in whole chunks: batched
+    products over chunks, with the slot's factors broadcast; equal to the plain shared products
+    and to the adapter alone. Positions not in whole chunks take the plain products."""
+    model = five_adapters()
+    for layer in model.modules():
+        if isinstance(layer, Linear) and base == "biased" and layer.base_layer.bias is None:
+            layer.base_layer.bias = torch.nn.Parameter(torch.randn(layer.base_layer.out_features) / 10,
+                                                       requires_grad=False)
+        if isinstance(layer, Linear) and base == "hooked":
+            layer.base_layer.register_forward_hook(lambda module, args, output: None)
+    monkeypatch.setattr(stacked, "SHARED_CHUNKED_FROM", 16)
+    monkeypatch.setattr(stacked, "SHARED_CHUNK", 4)
+    chunks = []
+    chunk = stacked.shared_chunk
+    monkeypatch.setattr(stacked, "shared_chunk", lambda x: chunks.append(chunk(x)) or chunks[-1])
+    ids = torch.randint(0, 100, (3, 8), generator=torch.Generator().manual_seed(14))  # 24 positions: 6 chunks
+    names = [name] * 3
+    out = mixed(model, ids, names)
+    holding = [m for m in model.modules() if isinstance(m, Linear) and name in m.adapters]
+    assert chunks == [4] * len(holding)
+    assert_rows_alone(model, ids, names, out)
+    chunks.clear()
+    monkeypatch.setattr(stacked, "SHARED_CHUNK", 5)  # 24 positions: not whole chunks of 5
+    torch.testing.assert_close(mixed(model, ids, names), out, rtol=1e-5, atol=1e-5)
+    assert chunks == [None] * len(holding)
+
+
+def test_shared_chunk_from_1024_positions_on_cpu():
+    x = torch.zeros(2, 512, 8)
+    assert stacked.shared_chunk(x) == stacked.SHARED_CHUNK == 64
+    assert stacked.shared_chunk(x[:, :511]) is None  # not whole chunks
+    assert stacked.shared_chunk(x[:1]) is None  # 512 positions
+    assert stacked.shared_chunk(torch.zeros(1024, 8, device="meta")) is None  # CPU only
+
+
 def test_row_slots_are_built_once_per_batch_composition():
     model = five_adapters()
     q_proj = model.base_model.model.model.layers[0].self_attn.q_proj  # a (slot 1), b (2), bias (3)

@@ -22,8 +22,10 @@ sorting rows by adapter on CPU for small ranks (`benchmarks/mixed_batch.py`). Th
 runs as (r_max, in) @ (in, L) per row and is read transposed: on CPU about 1.6x faster than
 (L, in) @ (in, r_max), whose r_max-wide output suits the matmul kernels badly. Where every row
 takes one slot (a batch on one adapter, a decode step of one adapter's requests) a Linear runs
-two plain matrix products over all B · L positions at that adapter's own rank, with no gather
-(`LoraStack.row_slots` tells, once per batch composition).
+at that adapter's own rank with no gather (`LoraStack.row_slots` tells, once per batch
+composition): two plain matrix products over all B · L positions, or on CPU, from 1024
+positions, the batched products above over chunks of 64 positions with the one slot's factors
+broadcast (`shared_chunk`: the plain product slows once its output outgrows the caches).
 
 Where the base is a plain `nn.Linear` (`linear.plain_linear`) in the stack's dtype (float32
 adapters on a float32 base, as a rule; a float16 base under float32 adapters takes the base
@@ -63,6 +65,7 @@ from .linear import Linear
 from .variant import PLAIN
 
 ZERO_SLOT = 0  # slot of rows that add nothing
+SHARED_CHUNK, SHARED_CHUNKED_FROM = 64, 1024  # see shared_chunk
 ROW_SLOTS_KEPT = 64  # batch compositions whose row index a stack keeps (`LoraStack.row_slots`)
 
 
@@ -122,6 +125,23 @@ class _Watch:
 
 
 _VERSION = operator.attrgetter("_version")
+
+
+def shared_chunk(x: torch.Tensor) -> int | None:
+    """Positions per batch entry where a one-slot Linear product runs as a batched product over
+    chunks of x's positions (N = x.numel() / in) rather than two plain matrix products: on CPU,
+    for N >= SHARED_CHUNKED_FROM positions in whole chunks of SHARED_CHUNK. Measured on one
+    thread (r=8, in 512): the same numbers, and at N=2048 x out 1376 the products took 1.7-2.0 ms
+    chunked against 2.9-3.8 ms plain, about equal (within 5%) from N=1024 down, as the plain
+    (N, r) @ (r, out) product slows once its output outgrows the caches. In the benchmark's
+    1-adapter forward (2048 positions, `benchmarks/mixed_batch.py`) that is about 1% of the
+    forward, within the host's noise: paired A/B runs gave chunked / plain 0.990 (24 rounds) and
+    1.014 (12 rounds). None: the plain products.
+    """
+    n = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if x.device.type != "cpu" or n < SHARED_CHUNKED_FROM or n % SHARED_CHUNK:
+        return None
+    return SHARED_CHUNK
 
 
 def supports(layer) -> bool:
@@ -236,8 +256,8 @@ class LoraStack:
             x: The layer's input, (B, ..., in) (an Embedding's: ids (B, ...)).
             idx: (B,) long: each row's slot.
             shared: The slot every row takes, where they all take one (`row_slots`): a Linear
-                then runs two plain matrix products over all B · L positions at the adapter's
-                own rank, with no gathered copy.
+                then runs at the adapter's own rank with no gathered copy (plain matrix
+                products, or batched ones over chunks of positions: `shared_chunk`).
             result: The base layer's output, (B, ..., out), contiguous.
             in_place: Add into `result` itself (no new output-sized tensor: a fresh output of
                 that size costs about as much as the LoRA products here).
@@ -254,34 +274,59 @@ class LoraStack:
         if (result is None) == (base is None):
             raise ValueError("LoraStack.apply takes the base output (result=) or the base's factors (base=), one of them")
         if shared is not None and not self.embedding:
-            return self._apply_shared(x, shared, result, in_place, base)
+            chunk = shared_chunk(x) if shared != ZERO_SLOT else None
+            if chunk is None:
+                return self._apply_shared(x, shared, result, in_place, base)
+            # The one slot's factors at its rank, broadcast over chunks of `chunk` positions.
+            r = self.ranks[shared]
+            x3 = x.reshape(-1, chunk, x.shape[-1]).to(self.a.dtype)  # (N / chunk, chunk, in)
+            n = x3.shape[0]
+            a = self.a[shared, :r].expand(n, r, -1)  # (n, r, in), no copy
+            b = self.b[shared, :r].expand(n, r, -1)  # (n, r, out), no copy
+            bias = None if self.bias is None else self.bias[shared].expand(n, 1, -1)  # (n, 1, out)
+            return self._batched(x, x3, a, b, bias, result, in_place, base)
         rows = x.shape[0]
         if self.embedding:
             ids = x.reshape(rows, -1)  # (B, L)
             n_embeddings = self.a.shape[0] // self.b.shape[0]
             h = F.embedding(ids + (idx * n_embeddings)[:, None], self.a)  # (B, L, r_max)
-        else:
-            x3 = x.reshape(rows, -1, x.shape[-1]).to(self.a.dtype)  # (B, L, in)
-            # (r_max, in) @ (in, L) per row: on CPU about 1.6x faster than (L, in) @ (in, r_max),
-            # whose narrow output (r_max columns) suits the matmul kernels badly.
-            h = torch.bmm(self.a.index_select(0, idx), x3.transpose(1, 2)).transpose(1, 2)  # (B, L, r_max)
-        b = self.b.index_select(0, idx)  # (B, r_max, out)
-        if base is not None:
-            weight, base_bias = base
             bias = None if self.bias is None else self.bias.index_select(0, idx)[:, None, :]  # (B, 1, out)
-            if base_bias is not None:
-                bias = base_bias if bias is None else bias + base_bias
-            out3 = torch.bmm(h, b) if bias is None else torch.baddbmm(bias.expand(rows, h.shape[1], -1), h, b)
-            out3.view(-1, out3.shape[-1]).addmm_(x3.reshape(-1, x3.shape[-1]), weight.t())  # += x @ W^T
-            return out3.reshape(*x.shape[:-1], out3.shape[-1])
-        out3 = result.reshape(rows, -1, result.shape[-1])  # (B, L, out)
-        if out3.dtype == b.dtype and self.bias is None:
+            return self._expand(h, self.b.index_select(0, idx), bias, result, in_place)
+        x3 = x.reshape(rows, -1, x.shape[-1]).to(self.a.dtype)  # (B, L, in)
+        bias = None if self.bias is None else self.bias.index_select(0, idx)[:, None, :]  # (B, 1, out)
+        return self._batched(x, x3, self.a.index_select(0, idx), self.b.index_select(0, idx), bias,
+                             result, in_place, base)
+
+    def _batched(self, x: torch.Tensor, x3: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                 bias: torch.Tensor | None, result: torch.Tensor | None, in_place: bool,
+                 base: tuple[torch.Tensor, torch.Tensor | None] | None) -> torch.Tensor:
+        """A Linear's batched product: x3 (n, c, in) with factors a (n, r, in), b (n, r, out) and
+        bias (n, 1, out) or None, one per batch entry (gathered per row, or one slot broadcast)."""
+        # (r, in) @ (in, c) per entry: on CPU about 1.6x faster than (c, in) @ (in, r), whose
+        # narrow output (r columns) suits the matmul kernels badly.
+        h = torch.bmm(a, x3.transpose(1, 2)).transpose(1, 2)  # (n, c, r)
+        if base is None:
+            return self._expand(h, b, bias, result, in_place)
+        weight, base_bias = base
+        if base_bias is not None:
+            bias = base_bias if bias is None else bias + base_bias
+        n, c = h.shape[:2]
+        out3 = torch.bmm(h, b) if bias is None else torch.baddbmm(bias.expand(n, c, -1), h, b)  # (n, c, out)
+        out3.view(-1, out3.shape[-1]).addmm_(x3.reshape(-1, x3.shape[-1]), weight.t())  # += x @ W^T
+        return out3.reshape(*x.shape[:-1], out3.shape[-1])
+
+    def _expand(self, h: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, result: torch.Tensor,
+                in_place: bool) -> torch.Tensor:
+        """result + h @ b (+ bias): h (n, c, r), b (n, r, out), bias (n, 1, out) or None, result
+        (..., out) with n * c positions."""
+        out3 = result.reshape(h.shape[0], h.shape[1], result.shape[-1])  # (n, c, out)
+        if out3.dtype == b.dtype and bias is None:
             if in_place:
                 return out3.baddbmm_(h, b).reshape(result.shape)
             return torch.baddbmm(out3, h, b).reshape(result.shape)
-        delta = torch.bmm(h, b)  # (B, L, out)
-        if self.bias is not None:
-            delta = delta + self.bias.index_select(0, idx)[:, None, :]
+        delta = torch.bmm(h, b)  # (n, c, out)
+        if bias is not None:
+            delta = delta + bias
         delta = delta.to(result.dtype)
         return (out3.add_(delta) if in_place else out3 + delta).reshape(result.shape)
 
