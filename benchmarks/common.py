@@ -279,14 +279,24 @@ def format_table(rows: list[Row]) -> str:
 
 def write_section(path, start: str, end: str, text: str) -> None:
     """Put `text` (a section from marker line `start` to `end`) into the file `path` (a Path):
-    replace the previous one, or append it; the rest of the file is left as it is."""
+    replace the previous one, or append it; the rest of the file is left as it is.
+
+    Raises:
+        ValueError: the file's markers do not enclose exactly one section (a start without its
+            end, or two sections), which a replacement could not mend without losing text.
+    """
     import re
 
     from lorakit.files import atomic_write
 
     old = path.read_text() if path.exists() else ""
+    if old.count(start) > 1 or old.count(start) != old.count(end):
+        raise ValueError(f"{path}: the markers {start!r} and {end!r} must enclose one section "
+                         f"(found {old.count(start)} and {old.count(end)}); mend the file by hand")
     pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.S)
-    new = pattern.sub(lambda _: text, old) if pattern.search(old) else old.rstrip("\n") + "\n\n" + text + "\n"
+    if start in old and not pattern.search(old):
+        raise ValueError(f"{path}: {end!r} comes before {start!r}; mend the file by hand")
+    new = pattern.sub(lambda _: text, old, count=1) if start in old else old.rstrip("\n") + "\n\n" + text + "\n"
     atomic_write(path, new.encode())
 
 

@@ -4,8 +4,8 @@ Usage: python -m benchmarks.run [--quick] [--threads N] [--clock cpu|wall] [--ou
 
 (`make bench` runs it.) The full run takes about 15 minutes on 2 shared cores and rewrites its
 own section of docs/benchmarks.md (between `<!-- benchmarks.run: start -->` and its end
-marker, at the top of the file; the other benchmarks' sections and notes are left as they
-are); --quick uses a small model and few rounds (a few minutes) to check that
+marker, put at the top of the file the first time; the other benchmarks' sections and notes
+are left as they are); --quick uses a small model and few rounds (a few minutes) to check that
 everything runs, and prints its table without touching the report (unless --out is given).
 """
 
@@ -119,9 +119,13 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def write_report(path: Path, text: str) -> None:
-    """Put the report (`text`, its section between the run markers) at the top of `path`, or in
-    place of the last one; everything else in the file (the other benchmarks' sections and the
-    notes around them) is kept as it is."""
+    """Put the report (`text`, its section between the run markers) in place of the previous
+    one, or at the top of `path` where there is none; everything else in the file (the other
+    benchmarks' sections and the notes around them) is kept as it is.
+
+    Raises:
+        ValueError: the file's run markers do not enclose one section (`common.write_section`).
+    """
     from lorakit.files import atomic_write
 
     old = path.read_text() if path.exists() else ""

@@ -60,3 +60,15 @@ def test_benchmarks_run_rewrites_only_its_own_section(tmp_path):
     path.write_text("<!-- benchmarks.dora: start -->\ndora\n<!-- benchmarks.dora: end -->\nA note.\n")
     write_report(path, report(3))  # a file without the run's section: the report goes on top
     assert path.read_text() == report(3) + "\n\n<!-- benchmarks.dora: start -->\ndora\n<!-- benchmarks.dora: end -->\nA note.\n"
+
+
+@pytest.mark.parametrize("text", ["<!-- s: start -->\nhalf a section\n", "<!-- s: end -->\n<!-- s: start -->\n",
+                                  "<!-- s: start -->a<!-- s: end -->\n<!-- s: start -->b<!-- s: end -->\n"])
+def test_write_section_refuses_markers_it_cannot_replace_whole(tmp_path, text):
+    """A start without its end (or two sections) would make the next replacement swallow the
+    text between them: refused, the file unchanged."""
+    path = tmp_path / "benchmarks.md"
+    path.write_text(text + "notes to keep\n")
+    with pytest.raises(ValueError, match="mend the file by hand"):
+        common.write_section(path, "<!-- s: start -->", "<!-- s: end -->", "<!-- s: start -->new<!-- s: end -->")
+    assert path.read_text() == text + "notes to keep\n"

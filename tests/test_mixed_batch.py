@@ -238,6 +238,9 @@ def test_stack_apply_takes_the_base_output_or_the_base_factors():
     x, idx = torch.randn(2, 3, 32), torch.tensor([1, 2])
     with pytest.raises(ValueError, match="result=.*base=.*one of them"):
         stack.apply(x, idx)
+    embedding = stacked.stack_for(model.base_model.model.model.embed_tokens)  # "c" targets it
+    with pytest.raises(ValueError, match="base= is for a Linear"):
+        embedding.apply(torch.tensor([[1, 2]]), torch.tensor([1]), base=(torch.zeros(3, 3), None))
 
 
 def test_generate_with_repeated_rows_matches_single_runs(stack_calls):
@@ -424,7 +427,7 @@ def test_rows_sharing_one_adapter_take_the_ungathered_product(name, monkeypatch)
 
 
 @pytest.mark.parametrize("name", ["bias", "b", "rs"])
-@pytest.mark.parametrize("base", ["plain", "biased", "hooked"])  # fused; fused with a base bias; result= in place
+@pytest.mark.parametrize("base", ["plain", "biased", "hooked"])  # fused; fused with a base bias; result=
 def test_long_one_adapter_batches_take_chunked_products(name, base, monkeypatch):
     """All rows on one adapter, at least SHARED_CHUNKED_FROM positions in whole chunks: batched
     products over chunks, with the slot's factors broadcast; equal to the plain shared products
@@ -441,8 +444,8 @@ def test_long_one_adapter_batches_take_chunked_products(name, base, monkeypatch)
     chunks = []
     chunk = stacked.shared_chunk
     monkeypatch.setattr(stacked, "shared_chunk", lambda x: chunks.append(chunk(x)) or chunks[-1])
-    ids = torch.randint(0, 100, (3, 8), generator=torch.Generator().manual_seed(14))  # 24 positions: 6 chunks
-    names = [name] * 3
+    ids = torch.randint(0, 100, (4, 6), generator=torch.Generator().manual_seed(14))  # 24 positions: 6 chunks across rows
+    names = [name] * 4
     out = mixed(model, ids, names)
     holding = [m for m in model.modules() if isinstance(m, Linear) and name in m.adapters]
     assert chunks == [4] * len(holding)
@@ -451,6 +454,28 @@ def test_long_one_adapter_batches_take_chunked_products(name, base, monkeypatch)
     monkeypatch.setattr(stacked, "SHARED_CHUNK", 5)  # 24 positions: not whole chunks of 5
     torch.testing.assert_close(mixed(model, ids, names), out, rtol=1e-5, atol=1e-5)
     assert chunks == [None] * len(holding)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])  # the base output in the stack's dtype, or cast
+def test_chunked_products_add_into_the_base_output_in_place(dtype, monkeypatch):
+    """`apply(result=, in_place=True)` on the chunked one-slot path writes into `result` itself,
+    the same sum as a fresh output, and equal to the plain one-slot products."""
+    monkeypatch.setattr(stacked, "SHARED_CHUNKED_FROM", 16)
+    monkeypatch.setattr(stacked, "SHARED_CHUNK", 4)
+    layer = five_adapters().base_model.model.model.layers[0].self_attn.q_proj  # a, b, bias (lora_bias)
+    stack = stacked.stack_for(layer)
+    x = torch.randn(4, 6, layer.in_features, generator=torch.Generator().manual_seed(16))
+    for name in ("b", "bias"):
+        idx, slot = stack.row_slots((name,) * 4, 1, x.device)
+        result = layer.base_layer(x).to(dtype)  # (4, 6, out)
+        fresh = stack.apply(x, idx, slot, result=result)
+        kept = result.clone()
+        out = stack.apply(x, idx, slot, result=result, in_place=True)
+        assert out.data_ptr() == result.data_ptr() and not torch.equal(result, kept)
+        torch.testing.assert_close(out, fresh, rtol=0, atol=0)
+        monkeypatch.setattr(stacked, "SHARED_CHUNK", 5)  # 24 positions, not whole chunks: the plain products
+        torch.testing.assert_close(out, stack.apply(x, idx, slot, result=kept), rtol=1e-3, atol=1e-3)
+        monkeypatch.setattr(stacked, "SHARED_CHUNK", 4)
 
 
 def test_shared_chunk_from_1024_positions_on_cpu():

@@ -131,8 +131,8 @@ def shared_chunk(x: torch.Tensor) -> int | None:
     """Positions per batch entry where a one-slot Linear product runs as a batched product over
     chunks of x's positions (N = x.numel() / in) rather than two plain matrix products: on CPU,
     for N >= SHARED_CHUNKED_FROM positions in whole chunks of SHARED_CHUNK. Measured on one
-    thread (r=8, in 512): the same numbers, and at N=2048 x out 1376 the products took 1.7-2.0 ms
-    chunked against 2.9-3.8 ms plain, about equal (within 5%) from N=1024 down, as the plain
+    thread (r=8, in 512; bit-identical outputs in those runs): at N=2048 x out 1376 the products
+    took 1.7-2.0 ms chunked against 2.9-3.8 ms plain, about equal (within 5%) from N=1024 down, as the plain
     (N, r) @ (r, out) product slows once its output outgrows the caches. In the benchmark's
     1-adapter forward (2048 positions, `benchmarks/mixed_batch.py`) that is about 1% of the
     forward, within the host's noise: paired A/B runs gave chunked / plain 0.990 (24 rounds) and
@@ -245,7 +245,8 @@ class LoraStack:
 
     def apply(self, x: torch.Tensor, idx: torch.Tensor, shared: int | None = None, result: torch.Tensor | None = None,
               in_place: bool = False, base: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> torch.Tensor:
-        """The base output plus each row's adapter, in one gathered product per factor.
+        """The base output plus each row's adapter: one gathered product per factor, or where
+        every row takes one slot, that slot's factors alone (no gather).
 
         Either the base output is given (`result`) or, for a Linear, the base layer's product is
         run here (`base`): the LoRA product writes a fresh output and the base product is added
@@ -269,10 +270,12 @@ class LoraStack:
             dtype with `base`.
 
         Raises:
-            ValueError: neither or both of `result` and `base` given.
+            ValueError: neither or both of `result` and `base` given, or `base` for an Embedding.
         """
         if (result is None) == (base is None):
             raise ValueError("LoraStack.apply takes the base output (result=) or the base's factors (base=), one of them")
+        if base is not None and self.embedding:
+            raise ValueError("LoraStack.apply: base= is for a Linear's stack; an Embedding takes result=")
         if shared is not None and not self.embedding:
             chunk = shared_chunk(x) if shared != ZERO_SLOT else None
             if chunk is None:
@@ -301,7 +304,8 @@ class LoraStack:
                  bias: torch.Tensor | None, result: torch.Tensor | None, in_place: bool,
                  base: tuple[torch.Tensor, torch.Tensor | None] | None) -> torch.Tensor:
         """A Linear's batched product: x3 (n, c, in) with factors a (n, r, in), b (n, r, out) and
-        bias (n, 1, out) or None, one per batch entry (gathered per row, or one slot broadcast)."""
+        the LoRA bias (n, 1, out) or None, one per batch entry (gathered per row, or one slot
+        broadcast); with `base`, its bias (out,) is added to it."""
         # (r, in) @ (in, c) per entry: on CPU about 1.6x faster than (c, in) @ (in, r), whose
         # narrow output (r columns) suits the matmul kernels badly.
         h = torch.bmm(a, x3.transpose(1, 2)).transpose(1, 2)  # (n, c, r)
