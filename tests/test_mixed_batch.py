@@ -465,6 +465,7 @@ def test_chunked_products_add_into_the_base_output_in_place(dtype, monkeypatch):
     layer = five_adapters().base_model.model.model.layers[0].self_attn.q_proj  # a, b, bias (lora_bias)
     stack = stacked.stack_for(layer)
     x = torch.randn(4, 6, layer.in_features, generator=torch.Generator().manual_seed(16))
+    assert stacked.shared_chunk(x) == 4  # 24 positions in whole chunks: the chunked products
     for name in ("b", "bias"):
         idx, slot = stack.row_slots((name,) * 4, 1, x.device)
         result = layer.base_layer(x).to(dtype)  # (4, 6, out)

@@ -131,12 +131,12 @@ def shared_chunk(x: torch.Tensor) -> int | None:
     """Positions per batch entry where a one-slot Linear product runs as a batched product over
     chunks of x's positions (N = x.numel() / in) rather than two plain matrix products: on CPU,
     for N >= SHARED_CHUNKED_FROM positions in whole chunks of SHARED_CHUNK. Measured on one
-    thread (r=8, in 512; bit-identical outputs in those runs): at N=2048 x out 1376 the products
-    took 1.7-2.0 ms chunked against 2.9-3.8 ms plain, about equal (within 5%) from N=1024 down, as the plain
-    (N, r) @ (r, out) product slows once its output outgrows the caches. In the benchmark's
-    1-adapter forward (2048 positions, `benchmarks/mixed_batch.py`) that is about 1% of the
-    forward, within the host's noise: paired A/B runs gave chunked / plain 0.990 (24 rounds) and
-    1.014 (12 rounds). None: the plain products.
+    thread (r=8, in 512; bit-identical outputs in those runs): at N=2048 x out 1376 the
+    products took 1.7-2.0 ms chunked against 2.9-3.8 ms plain, about equal (within 5%) from
+    N=1024 down, as the plain (N, r) @ (r, out) product slows once its output outgrows the
+    caches. In the benchmark's 1-adapter forward (2048 positions, `benchmarks/mixed_batch.py`)
+    that is about 1% of the forward, within the host's noise: paired A/B runs gave chunked /
+    plain 0.990 (24 rounds) and 1.014 (12 rounds). None: the plain products.
     """
     n = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if x.device.type != "cpu" or n < SHARED_CHUNKED_FROM or n % SHARED_CHUNK:
